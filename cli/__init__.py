@@ -1,0 +1,1 @@
+"""hw's command-line interface (Typer). Thin: parsing and printing; the work is in pycore."""

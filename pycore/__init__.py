@@ -1,0 +1,1 @@
+"""hw's Python library: manifests, curation, captions, SPO and LoRA tools."""

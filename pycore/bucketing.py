@@ -1,0 +1,274 @@
+"""Assigning aspect-ratio buckets to a manifest, summarising, and exporting for kohya.
+
+Assignment runs in Rust (:func:`pycore._rust.assign_buckets`): the nearest bucket by
+log-ratio distance (ties: nearest area, then table order), scale to cover, crop centred or at a
+seeded random offset. Rows already failed for another reason (unreadable, not an image, ...)
+keep their status and get no bucket; rows rejected by an earlier bucketing are re-evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pycore import _rust
+from pycore.buckets import BucketTable
+from pycore.errors import HwError
+from pycore.io import write_atomic, write_text_atomic
+from pycore.manifest import BUCKET_STATUSES, fs_paths
+
+SMALL_POLICIES = ("upscale", "own", "reject")
+
+
+@dataclass(frozen=True)
+class BucketOptions:
+    """How images are fitted to buckets."""
+
+    #: Images smaller than their bucket: "upscale" them, give them their "own" bucket (their
+    #: size floored to `step`, like kohya's bucket_no_upscale), or "reject" them.
+    small: str = "upscale"
+    #: Side multiple of "own" buckets.
+    step: int = 64
+    #: Reject images whose shorter side is below this (status "too_small").
+    min_side: int = 0
+    #: Reject (or flag, with flag_only) images losing more than this share of pixels to the crop.
+    max_crop: float | None = None
+    flag_only: bool = False
+    #: Random crop offsets from this seed; centred crops when None.
+    seed: int | None = None
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.small not in SMALL_POLICIES:
+            raise HwError(f"small-image policy must be one of {', '.join(SMALL_POLICIES)}, not {self.small!r}")
+        if self.step < 1:
+            raise HwError("--step must be at least 1")
+        if self.min_side < 0:
+            raise HwError("--min-side must be 0 or more")
+        if self.max_crop is not None and not 0.0 <= self.max_crop < 1.0:
+            raise HwError("--max-crop must be a fraction in [0, 1)")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise HwError("--seed must be in [0, 2^64)")
+
+
+BUCKET_COLUMNS = ("bucket_width", "bucket_height", "scale", "scaled_width", "scaled_height",
+                  "crop_left", "crop_top", "crop_fraction", "upscaled", "crop_flagged")  # fmt: skip
+
+
+def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.DataFrame:
+    """Return the frame with bucket columns (re)computed and bucketing statuses updated."""
+    if "width" not in frame.columns or "height" not in frame.columns:
+        raise HwError("manifest has no width/height columns; bucket the image folder instead")
+    eligible = (
+        pl.col("status").is_in(["ok", *BUCKET_STATUSES])
+        & pl.col("width").is_not_null()
+        & pl.col("height").is_not_null()
+        & (pl.col("width") > 0)
+        & (pl.col("height") > 0)
+    )
+    mask = frame.select(eligible.fill_null(False)).to_series().to_numpy()
+    w = np.where(mask, frame["width"].fill_null(0).to_numpy(), 0).astype(np.uint32)
+    h = np.where(mask, frame["height"].fill_null(0).to_numpy(), 0).astype(np.uint32)
+    if opts.seed is not None:
+        keys = _rust.path_keys(fs_paths(frame))
+    else:
+        keys = np.zeros(len(frame), dtype=np.uint64)
+    try:
+        out = _rust.assign_buckets(
+            list(table.sizes), w, h, keys, opts.small, opts.step, opts.min_side,
+            opts.max_crop, opts.flag_only, opts.seed, opts.threads,
+        )  # fmt: skip
+    except ValueError as e:
+        raise HwError(str(e)) from None
+    names = np.array(out["status_names"], dtype=object)
+    code = out["status_code"]
+    new_status = names[code]
+    status = np.where(code > 0, new_status, frame["status"].to_numpy().astype(object))
+    ok = code == 1
+    cols = [pl.Series("status", status, dtype=pl.String)]
+    for name in BUCKET_COLUMNS[:-1]:
+        series = pl.Series(name, out[name])
+        cols.append(series)
+    cols.append(pl.Series("crop_flagged", out["flagged"]))
+    frame = frame.with_columns(cols)
+    okm = pl.Series(ok)
+    int_cols = ("bucket_width", "bucket_height", "scaled_width", "scaled_height", "crop_left", "crop_top")
+    return frame.with_columns(
+        *[pl.when(okm).then(pl.col(c).cast(pl.Int32)).alias(c) for c in int_cols],
+        *[pl.when(okm).then(pl.col(c)).alias(c) for c in ("scale", "crop_fraction", "upscaled", "crop_flagged")],
+        # A bucketing rejection explains itself in `error`; an ok row has none from bucketing.
+        pl.when(pl.Series(code > 1))
+        .then(pl.lit("rejected by bucketing: ") + pl.col("status"))
+        .when(pl.Series(ok))
+        .then(pl.lit(None, dtype=pl.String))
+        .otherwise(pl.col("error") if "error" in frame.columns else pl.lit(None, dtype=pl.String))
+        .alias("error"),
+    )
+
+
+@dataclass
+class BucketReport:
+    table: str
+    total_rows: int
+    ok: int
+    rejected: dict[str, int]
+    buckets: list[dict]
+    upscaled: int
+    flagged: int
+    rotated: int
+    mean_crop_fraction: float
+    skipped_files: dict[str, int]
+    problems: list[tuple[str, str]]
+    off_grid: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def report(
+    frame: pl.DataFrame,
+    table: BucketTable,
+    *,
+    skipped: dict[str, int] | None = None,
+    problems: list[tuple[str, str]] | None = None,
+    off_grid: list[tuple[int, int]] | None = None,
+) -> BucketReport:
+    """Counts per bucket (every table size, empty ones too), rejections by reason, extras."""
+    ok = frame.filter(pl.col("status") == "ok")
+    counts = {
+        (r["bucket_width"], r["bucket_height"]): r["len"]
+        for r in ok.group_by("bucket_width", "bucket_height").len().iter_rows(named=True)
+    }
+    n_ok = len(ok)
+    sizes = list(table.sizes) + sorted(s for s in counts if s not in table.sizes)
+    buckets = []
+    for bw, bh in sizes:
+        c = counts.get((bw, bh), 0)
+        buckets.append({
+            "width": bw, "height": bh, "aspect": round(bw / bh, 4), "count": c,
+            "share": c / n_ok if n_ok else 0.0, "in_table": (bw, bh) in table.sizes,
+        })  # fmt: skip
+    buckets.sort(key=lambda b: (-b["count"], b["aspect"]))
+    rejected = {
+        r["status"]: r["len"]
+        for r in frame.filter(pl.col("status") != "ok").group_by("status").len().sort("len", descending=True).iter_rows(named=True)
+    }
+    rotated = 0
+    if "orientation" in frame.columns:
+        rotated = ok.filter(pl.col("orientation").is_not_null() & (pl.col("orientation") != 1)).height
+    mean_crop = ok["crop_fraction"].mean() if n_ok else 0.0
+    return BucketReport(
+        table=table.name,
+        total_rows=len(frame),
+        ok=n_ok,
+        rejected=rejected,
+        buckets=buckets,
+        upscaled=int(ok["upscaled"].sum()) if n_ok else 0,
+        flagged=int(ok["crop_flagged"].sum()) if n_ok else 0,
+        rotated=rotated,
+        mean_crop_fraction=float(mean_crop) if mean_crop is not None and not math.isnan(mean_crop) else 0.0,
+        skipped_files=dict(skipped or {}),
+        problems=list(problems or []),
+        off_grid=[f"{w}x{h}" for w, h in (off_grid or [])],
+    )
+
+
+def export_kohya(frame: pl.DataFrame, path: str | Path, *, overwrite: bool = False) -> int:
+    """Write kohya sd-scripts' metadata JSON: {image_key: {image_size, train_resolution}}.
+
+    Keys are full paths (use kohya's ``--full_path``). ``image_size`` is the displayed size
+    after EXIF orientation. Returns the number of images written (status "ok" only).
+    """
+    ok = frame.filter(pl.col("status") == "ok")
+    meta = {
+        p: {"image_size": [w, h], "train_resolution": [bw, bh]}
+        for p, w, h, bw, bh in zip(
+            fs_paths(ok), ok["width"], ok["height"], ok["bucket_width"], ok["bucket_height"], strict=True
+        )
+    }
+    text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+    write_atomic(path, lambda p: p.write_bytes(text.encode("utf-8", errors="surrogateescape")), overwrite=overwrite)
+    return len(meta)
+
+
+def plot(rep: BucketReport, path: str | Path, *, overwrite: bool = False) -> None:
+    """A bar chart of images per bucket (sorted by aspect ratio) as PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise HwError("--plot needs matplotlib: pip install 'hw[plot]'") from None
+    rows = sorted(rep.buckets, key=lambda b: b["aspect"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4), dpi=120)
+    labels = [f"{b['width']}×{b['height']}" for b in rows]
+    bars = ax.bar(range(len(rows)), [b["count"] for b in rows], color="#4c72b0")
+    for bar, b in zip(bars, rows, strict=True):
+        if b["count"]:
+            ax.annotate(f"{b['share']:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)  # fmt: skip
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("images")
+    rej = sum(rep.rejected.values())
+    ax.set_title(f"{rep.ok} images in {sum(1 for b in rows if b['count'])} buckets ({rep.table}); {rej} not bucketed")
+    fig.tight_layout()
+    write_atomic(path, lambda p: fig.savefig(p, format="png"), overwrite=overwrite)
+    plt.close(fig)
+
+
+def write_report_json(rep: BucketReport, path: str | Path) -> None:
+    write_text_atomic(path, json.dumps(rep.to_dict(), indent=2))
+
+
+@dataclass
+class BucketRun:
+    """The result of :func:`bucket_source`."""
+
+    frame: pl.DataFrame
+    report: BucketReport
+    root: str | None
+    rescanned: bool
+
+
+def bucket_source(
+    src: str | Path,
+    table: BucketTable,
+    opts: BucketOptions,
+    *,
+    hash: bool = True,
+    max_pixels: int | None = None,
+    progress=None,
+    on_listed=None,
+) -> BucketRun:
+    """Scan a folder (or read an existing manifest) and assign buckets.
+
+    ``progress(n)`` is called as files are probed; ``on_listed(total)`` once the walk is done.
+    """
+    from pycore.buckets import off_grid
+    from pycore.manifest import read_manifest, read_metadata
+    from pycore.scan import DEFAULT_MAX_PIXELS, scan_folder
+
+    src = Path(src)
+    if src.is_file() and src.suffix.lower() == ".parquet":
+        frame = read_manifest(src, required=("path", "status", "width", "height"))
+        root = read_metadata(src).get("root")
+        skipped: dict[str, int] = {}
+        problems: list[tuple[str, str]] = []
+        rescanned = False
+    else:
+        if src.is_file():
+            raise HwError(f"{src} is a file but not a manifest (.parquet); give a folder of images or a manifest")
+        res = scan_folder(
+            str(src), hash=hash, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            threads=opts.threads, progress=progress, on_listed=on_listed,
+        )  # fmt: skip
+        frame, root, skipped, problems, rescanned = res.frame, res.root, res.skipped, res.problems, True
+    frame = assign(frame, table, opts)
+    rep = report(frame, table, skipped=skipped, problems=problems, off_grid=off_grid(table))
+    return BucketRun(frame, rep, root, rescanned)

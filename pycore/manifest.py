@@ -1,0 +1,160 @@
+"""The manifest: one Parquet row per image file, the spine every curation command reads and writes.
+
+The schema (columns, types, meaning) is documented in data_manifests/manifest_schema.md and
+declared here in :data:`COLUMNS`; :func:`read_manifest` checks a file against it and
+:func:`write_manifest` writes atomically. Commands add columns and never drop rows.
+
+Paths: ``path`` is the file's path as UTF-8 text. A file name that is not valid UTF-8 cannot be
+stored losslessly in a Parquet string, so for those rows ``path`` holds a readable version (invalid
+bytes replaced by U+FFFD) and ``path_bytes`` holds the exact bytes; :func:`fs_paths` gives back
+the real path for every row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import polars as pl
+
+from pycore.errors import ManifestError
+from pycore.io import atomic_path
+
+SCHEMA_VERSION = "1"
+
+#: Every column hw knows, with its Polars type. Unknown extra columns are kept as they are.
+COLUMNS: dict[str, pl.DataType] = {
+    "path": pl.String(),
+    "path_bytes": pl.Binary(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "warning": pl.String(),
+    "format": pl.String(),
+    "width": pl.Int32(),
+    "height": pl.Int32(),
+    "orientation": pl.UInt8(),
+    "file_size": pl.Int64(),
+    "mtime": pl.Float64(),
+    "content_hash": pl.String(),
+    "bucket_width": pl.Int32(),
+    "bucket_height": pl.Int32(),
+    "scale": pl.Float64(),
+    "scaled_width": pl.Int32(),
+    "scaled_height": pl.Int32(),
+    "crop_left": pl.Int32(),
+    "crop_top": pl.Int32(),
+    "crop_fraction": pl.Float64(),
+    "upscaled": pl.Boolean(),
+    "crop_flagged": pl.Boolean(),
+}
+
+#: Columns every manifest must have.
+REQUIRED = ("path", "status")
+
+#: Statuses set by bucketing (re-evaluated when a manifest is re-bucketed); all others come from
+#: reading the file and are kept.
+BUCKET_STATUSES = ("too_small", "needs_upscale", "crop_too_large")
+
+
+def display_path(p: str) -> str:
+    """UTF-8 text for a file-system path (invalid bytes become U+FFFD)."""
+    return os.fsencode(p).decode("utf-8", errors="replace")
+
+
+def path_bytes_or_none(p: str) -> bytes | None:
+    """The raw bytes of a path when they are not valid UTF-8, else None."""
+    raw = os.fsencode(p)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    return None
+
+
+def path_columns(paths: Sequence[str]) -> list[pl.Series]:
+    """``path`` and ``path_bytes`` columns for file-system paths (str, surrogate-escaped)."""
+    return [
+        pl.Series("path", [display_path(p) for p in paths], dtype=pl.String),
+        pl.Series("path_bytes", [path_bytes_or_none(p) for p in paths], dtype=pl.Binary),
+    ]
+
+
+def fs_paths(frame: pl.DataFrame) -> list[str]:
+    """The exact file-system path of every row (surrogate-escaped str, usable with open())."""
+    paths = frame["path"].to_list()
+    if "path_bytes" not in frame.columns:
+        return paths
+    raw = frame["path_bytes"].to_list()
+    return [os.fsdecode(b) if b is not None else p for p, b in zip(paths, raw, strict=True)]
+
+
+def missing_columns(frame: pl.DataFrame, required: Iterable[str]) -> list[str]:
+    return [c for c in required if c not in frame.columns]
+
+
+def validate(frame: pl.DataFrame, required: Iterable[str] = REQUIRED, source: str = "manifest") -> pl.DataFrame:
+    """Check required columns and known columns' types; cast compatible types; return the frame."""
+    missing = missing_columns(frame, required)
+    if missing:
+        raise ManifestError(f"{source} is missing required column(s): {', '.join(missing)}")
+    casts = []
+    for name, dtype in COLUMNS.items():
+        if name not in frame.columns or frame.schema[name] == dtype:
+            continue
+        have = frame.schema[name]
+        numeric_ok = have.is_numeric() and dtype.is_numeric()
+        if not (numeric_ok or have == pl.Null):
+            raise ManifestError(f"{source}: column {name!r} has type {have}, expected {dtype}")
+        casts.append(pl.col(name).cast(dtype, strict=True))
+    if casts:
+        try:
+            frame = frame.with_columns(casts)
+        except pl.exceptions.PolarsError as e:
+            raise ManifestError(f"{source}: a column does not fit its type: {e}") from None
+    if frame["path"].null_count():
+        raise ManifestError(f"{source}: column 'path' has {frame['path'].null_count()} empty value(s)")
+    if frame["status"].null_count():
+        raise ManifestError(f"{source}: column 'status' has {frame['status'].null_count()} empty value(s)")
+    return frame
+
+
+def read_manifest(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> pl.DataFrame:
+    """Read and validate a manifest. Errors are one-line :class:`ManifestError`s."""
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError(f"manifest {p} does not exist")
+    try:
+        frame = pl.read_parquet(p)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ManifestError(f"cannot read manifest {p}: {first}") from None
+    return validate(frame, required, source=f"manifest {p}")
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """hw's key/value metadata stored in a manifest's Parquet footer (keys without 'hw.')."""
+    try:
+        meta = pl.read_parquet_metadata(path)
+    except (pl.exceptions.PolarsError, OSError):
+        return {}
+    return {k[3:]: v for k, v in meta.items() if k.startswith("hw.")}
+
+
+def write_manifest(
+    frame: pl.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, object] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Validate and write atomically; known columns come first in schema order."""
+    frame = validate(frame)
+    known = [c for c in COLUMNS if c in frame.columns]
+    frame = frame.select(known + [c for c in frame.columns if c not in COLUMNS])
+    meta = {"hw.schema_version": SCHEMA_VERSION}
+    for k, v in (metadata or {}).items():
+        meta[f"hw.{k}"] = v if isinstance(v, str) else json.dumps(v)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        frame.write_parquet(tmp, metadata=meta)

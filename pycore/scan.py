@@ -1,0 +1,144 @@
+"""Scanning a folder of images into a manifest frame (the work is done in Rust)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from pycore import _rust
+from pycore.errors import HwError
+from pycore.manifest import display_path, path_columns
+
+#: File extensions treated as images (case-insensitive). The format itself is always read from
+#: the file's bytes; the extension only decides which files are looked at.
+IMAGE_EXTENSIONS = (
+    "jpg", "jpeg", "jpe", "jfif", "png", "apng", "webp", "gif", "bmp", "dib",
+    "tif", "tiff", "avif", "heic", "heif", "jxl",
+)  # fmt: skip
+
+#: Pillow's DecompressionBombError threshold: larger declared sizes get status "too_large".
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+@dataclass
+class ScanResult:
+    frame: pl.DataFrame
+    root: str
+    #: Files that are not images by extension, counted by extension ("" = none).
+    skipped: dict[str, int] = field(default_factory=dict)
+    #: Folders that could not be read or were reached twice (link loops), with the reason.
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def threads_from_env(threads: int | None) -> int:
+    """The worker count: the option, else $HW_THREADS, else 0 (one per core)."""
+    if threads is not None:
+        if threads < 0:
+            raise HwError("--threads must be 0 (all cores) or more")
+        return threads
+    env = os.environ.get("HW_THREADS", "")
+    if not env:
+        return 0
+    try:
+        n = int(env)
+    except ValueError:
+        raise HwError(f"HW_THREADS={env!r} is not a whole number") from None
+    if n < 0:
+        raise HwError("HW_THREADS must be 0 (all cores) or more")
+    return n
+
+
+def list_images(root: str) -> tuple[list[str], dict[str, int], list[tuple[str, str]]]:
+    """Candidate image paths under ``root`` (sorted), skipped counts, and folder problems."""
+    if not os.path.exists(root):
+        raise HwError(f"{root} does not exist")
+    if not os.path.isdir(root):
+        raise HwError(f"{root} is not a folder or a manifest (.parquet)")
+    try:
+        files, skipped, problems = _rust.walk_dir(root, list(IMAGE_EXTENSIONS))
+    except OSError as e:
+        raise HwError(f"cannot read {root}: {e}") from None
+    return [os.fspath(f) for f in files], dict(skipped), [(os.fspath(p), why) for p, why in problems]
+
+
+def scan_paths(
+    paths: list[str],
+    *,
+    hash: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    threads: int = 0,
+    progress: Callable[[int], None] | None = None,
+    chunk: int = 8192,
+) -> pl.DataFrame:
+    """Probe files (in Rust, in parallel, GIL released) into manifest columns, in input order."""
+    parts: dict[str, list] = {}
+    for start in range(0, len(paths), chunk):
+        cols = _rust.scan_files(paths[start : start + chunk], hash, max_pixels, threads)
+        for k, v in cols.items():
+            parts.setdefault(k, []).append(v)
+        if progress:
+            progress(min(chunk, len(paths) - start))
+    if not paths:
+        return empty_scan_frame()
+
+    def cat(name: str) -> list | np.ndarray:
+        vals = parts[name]
+        return np.concatenate(vals) if isinstance(vals[0], np.ndarray) else [x for v in vals for x in v]
+
+    status = pl.Series("status", cat("status"), dtype=pl.String)
+    has_size = pl.Series(cat("width")) > 0
+    frame = pl.DataFrame(
+        [
+            *path_columns(paths),
+            status,
+            pl.Series("error", cat("error"), dtype=pl.String),
+            pl.Series("warning", cat("warning"), dtype=pl.String),
+            pl.Series("format", cat("format"), dtype=pl.String),
+            pl.Series("width", cat("width")).cast(pl.Int32),
+            pl.Series("height", cat("height")).cast(pl.Int32),
+            pl.Series("orientation", cat("orientation")).cast(pl.UInt8),
+            pl.Series("file_size", cat("file_size")).cast(pl.Int64),
+            pl.Series("mtime", cat("mtime")),
+            pl.Series("content_hash", cat("content_hash"), dtype=pl.String),
+        ]
+    )
+    # Unknown values are null, not zero or NaN.
+    return frame.with_columns(
+        pl.when(has_size).then(pl.col("width")).alias("width"),
+        pl.when(has_size).then(pl.col("height")).alias("height"),
+        pl.when(pl.col("orientation") > 0).then(pl.col("orientation")).alias("orientation"),
+        pl.when(pl.col("file_size") > 0).then(pl.col("file_size")).otherwise(
+            pl.when(pl.col("status") == "empty").then(0)
+        ).alias("file_size"),
+        pl.col("mtime").fill_nan(None),
+    )
+
+
+def empty_scan_frame() -> pl.DataFrame:
+    from pycore.manifest import COLUMNS
+
+    names = ["path", "path_bytes", "status", "error", "warning", "format", "width", "height",
+             "orientation", "file_size", "mtime", "content_hash"]  # fmt: skip
+    return pl.DataFrame(schema={n: COLUMNS[n] for n in names})
+
+
+def scan_folder(
+    root: str,
+    *,
+    hash: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    threads: int = 0,
+    progress: Callable[[int], None] | None = None,
+    on_listed: Callable[[int], None] | None = None,
+) -> ScanResult:
+    """Walk ``root`` and probe every image file found. One row per candidate file."""
+    root = os.path.abspath(root)
+    files, skipped, problems = list_images(root)
+    if on_listed:
+        on_listed(len(files))
+    frame = scan_paths(files, hash=hash, max_pixels=max_pixels, threads=threads, progress=progress)
+    return ScanResult(frame, display_path(root), skipped, problems)

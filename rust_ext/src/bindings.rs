@@ -1,0 +1,222 @@
+//! The PyO3 bindings: every #[pyfunction] of `pycore._rust`. Each converts its Python inputs
+//! to Rust values, runs the plain-Rust work with the GIL released (`detached`), and converts
+//! the result back. Numeric columns go out as NumPy arrays.
+
+use crate::bucket::{self, AssignOptions, SmallPolicy};
+use crate::error::Error;
+use crate::{pool, scan, walk};
+use numpy::{IntoPyArray, PyReadonlyArray1};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::Io { .. } => PyOSError::new_err(e.to_string()),
+            _ => PyValueError::new_err(e.to_string()),
+        }
+    }
+}
+
+/// Release the GIL and run `f` in a pool of `threads` workers (0 = one per core).
+fn detached<T: Send>(py: Python<'_>, threads: usize, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    Ok(py.detach(|| pool::run_in_pool(threads, f))?)
+}
+
+/// Walk a directory: (candidate paths, {extension: skipped count}, [(path, problem)]).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn walk_dir(
+    py: Python<'_>,
+    root: PathBuf,
+    extensions: Vec<String>,
+) -> PyResult<(Vec<PathBuf>, Vec<(String, u64)>, Vec<(PathBuf, String)>)> {
+    let exts: HashSet<String> = extensions
+        .into_iter()
+        .map(|e| e.to_ascii_lowercase())
+        .collect();
+    let r = py.detach(|| walk::walk(&root, &exts))?;
+    Ok((r.files, r.skipped.into_iter().collect(), r.problems))
+}
+
+/// Probe files in parallel; returns a dict of columns (lists and NumPy arrays).
+#[pyfunction]
+#[pyo3(signature = (paths, hash=true, max_pixels=178_956_970, threads=0))]
+fn scan_files<'py>(
+    py: Python<'py>,
+    paths: Vec<PathBuf>,
+    hash: bool,
+    max_pixels: u64,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = scan::ScanOptions { hash, max_pixels };
+    let recs = detached(py, threads, || scan::scan_files(&paths, &opts))?;
+    let d = PyDict::new(py);
+    d.set_item("status", recs.iter().map(|r| r.status).collect::<Vec<_>>())?;
+    d.set_item(
+        "error",
+        recs.iter().map(|r| r.error.clone()).collect::<Vec<_>>(),
+    )?;
+    d.set_item(
+        "warning",
+        recs.iter().map(|r| r.warning.clone()).collect::<Vec<_>>(),
+    )?;
+    d.set_item(
+        "format",
+        recs.iter()
+            .map(|r| r.format.map(|f| f.as_str()))
+            .collect::<Vec<_>>(),
+    )?;
+    d.set_item(
+        "width",
+        recs.iter()
+            .map(|r| r.width)
+            .collect::<Vec<_>>()
+            .into_pyarray(py),
+    )?;
+    d.set_item(
+        "height",
+        recs.iter()
+            .map(|r| r.height)
+            .collect::<Vec<_>>()
+            .into_pyarray(py),
+    )?;
+    d.set_item(
+        "orientation",
+        recs.iter()
+            .map(|r| r.orientation)
+            .collect::<Vec<_>>()
+            .into_pyarray(py),
+    )?;
+    d.set_item(
+        "file_size",
+        recs.iter()
+            .map(|r| r.file_size)
+            .collect::<Vec<_>>()
+            .into_pyarray(py),
+    )?;
+    d.set_item(
+        "mtime",
+        recs.iter()
+            .map(|r| r.mtime)
+            .collect::<Vec<_>>()
+            .into_pyarray(py),
+    )?;
+    let hashes: Vec<Option<String>> = recs
+        .iter()
+        .map(|r| r.content_hash.map(|h| format!("{h:032x}")))
+        .collect();
+    d.set_item("content_hash", hashes)?;
+    Ok(d)
+}
+
+/// Status names, indexed by the `status_code` that `assign_buckets` returns.
+const ASSIGN_STATUS: [&str; 5] = ["", "ok", "too_small", "needs_upscale", "crop_too_large"];
+
+/// Assign buckets to sizes (0×0 = unknown, status code 0). Returns a dict of NumPy columns.
+#[pyfunction]
+#[pyo3(signature = (table, widths, heights, keys, small="upscale", step=64, min_side=0, max_crop=None, flag_only=false, seed=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn assign_buckets<'py>(
+    py: Python<'py>,
+    table: Vec<(u32, u32)>,
+    widths: PyReadonlyArray1<'py, u32>,
+    heights: PyReadonlyArray1<'py, u32>,
+    keys: PyReadonlyArray1<'py, u64>,
+    small: &str,
+    step: u32,
+    min_side: u32,
+    max_crop: Option<f64>,
+    flag_only: bool,
+    seed: Option<u64>,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let small = match small {
+        "upscale" => SmallPolicy::Upscale,
+        "own" => SmallPolicy::Own,
+        "reject" => SmallPolicy::Reject,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown small-image policy {other:?}"
+            )))
+        }
+    };
+    let (w, h, k) = (widths.as_slice()?, heights.as_slice()?, keys.as_slice()?);
+    if w.len() != h.len() {
+        return Err(PyValueError::new_err("widths and heights differ in length"));
+    }
+    let sizes: Vec<(u32, u32)> = w.iter().copied().zip(h.iter().copied()).collect();
+    let keys = k.to_vec();
+    let opts = AssignOptions {
+        small,
+        step,
+        min_side,
+        max_crop,
+        flag_only,
+        random_crop_seed: seed,
+    };
+    let out = detached(py, threads, || {
+        bucket::assign_all(&table, &sizes, &keys, &opts)
+    })??;
+    let code = |s: &str| ASSIGN_STATUS.iter().position(|x| *x == s).unwrap_or(0) as u8;
+    let d = PyDict::new(py);
+    macro_rules! col {
+        ($name:literal, $f:expr) => {
+            d.set_item(
+                $name,
+                out.iter().map($f).collect::<Vec<_>>().into_pyarray(py),
+            )?
+        };
+    }
+    col!("status_code", |a| code(a.status));
+    col!("flagged", |a| a.flagged);
+    col!("bucket_width", |a| a.bucket_width);
+    col!("bucket_height", |a| a.bucket_height);
+    col!("scale", |a| a.scale);
+    col!("scaled_width", |a| a.scaled_width);
+    col!("scaled_height", |a| a.scaled_height);
+    col!("crop_left", |a| a.crop_left);
+    col!("crop_top", |a| a.crop_top);
+    col!("crop_fraction", |a| a.crop_fraction);
+    col!("upscaled", |a| a.upscaled);
+    d.set_item("status_names", ASSIGN_STATUS.to_vec())?;
+    Ok(d)
+}
+
+/// 64-bit keys for seeded random crops: xxh3-64 of each path's bytes.
+#[pyfunction]
+fn path_keys<'py>(py: Python<'py>, paths: Vec<PathBuf>) -> Bound<'py, numpy::PyArray1<u64>> {
+    use std::os::unix::ffi::OsStrExt;
+    let keys: Vec<u64> = py.detach(|| {
+        paths
+            .iter()
+            .map(|p| xxhash_rust::xxh3::xxh3_64(p.as_os_str().as_bytes()))
+            .collect()
+    });
+    keys.into_pyarray(py)
+}
+
+/// A kohya-style generated bucket table.
+#[pyfunction]
+fn generate_buckets(
+    max_area: u64,
+    step: u32,
+    min_side: u32,
+    max_side: u32,
+) -> PyResult<Vec<(u32, u32)>> {
+    Ok(bucket::generate(max_area, step, min_side, max_side)?)
+}
+
+#[pymodule]
+fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(walk_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_files, m)?)?;
+    m.add_function(wrap_pyfunction!(assign_buckets, m)?)?;
+    m.add_function(wrap_pyfunction!(path_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(generate_buckets, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! hw's Rust core. Plain-Rust modules hold the algorithms (and their unit tests, which run
+//! with `cargo test`, no Python needed); `bindings` is the only module that knows PyO3 and is
+//! compiled only with the `python` feature that maturin turns on.
+
+pub mod bucket;
+pub mod error;
+pub mod header;
+pub mod pool;
+pub mod scan;
+pub mod walk;
+
+#[cfg(feature = "python")]
+mod bindings;

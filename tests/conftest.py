@@ -1,0 +1,63 @@
+"""Shared fixtures: running the CLI in-process and making small image files."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli.app import main
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data_manifests" / "sample"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def hw(capsys):
+    """Run `hw ARGS...` in-process; returns exit code, stdout, stderr."""
+
+    def run(*args: object) -> Result:
+        code = main([str(a) for a in args])
+        cap = capsys.readouterr()
+        return Result(code, cap.out, cap.err)
+
+    return run
+
+
+def image_bytes(fmt: str, size=(64, 48), exif: bytes | None = None, mode: str = "RGB", **kw) -> bytes:
+    img = Image.new(mode, size, color=(200, 30, 40) if mode == "RGB" else 128)
+    buf = io.BytesIO()
+    if exif is not None:
+        kw["exif"] = exif
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def exif_orientation(o: int) -> bytes:
+    ex = Image.Exif()
+    ex[0x0112] = o
+    return ex.tobytes()
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG signature plus an IHDR declaring w×h (no pixel data)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
