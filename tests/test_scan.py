@@ -178,3 +178,26 @@ def test_extension_in_any_case_and_format_from_bytes(tmp_path):
     assert row(f, "UPPER.JPG")["format"] == "jpeg"
     r = row(f, "png_named.jpg")
     assert (r["format"], r["width"], r["height"]) == ("png", 7, 9)
+
+
+# Small files written by Pillow's AVIF plugin, pillow-heif and libjxl's cjxl (tests/data/formats).
+FIXTURES = Path(__file__).parent / "data" / "formats"
+
+
+@pytest.mark.parametrize(
+    "name,fmt,size,orientation",
+    [
+        ("plain.avif", "avif", (40, 24), None),
+        ("rot6.avif", "avif", (24, 40), 6),  # EXIF 6 stored as irot/imir: displayed portrait
+        ("plain.heic", "heic", (40, 24), None),
+        ("rot8.heic", "heic", (24, 40), 8),
+        ("plain.jxl", "jxl", (40, 24), None),
+        ("lossless.jxl", "jxl", (40, 24), None),
+    ],
+)
+def test_avif_heic_jxl_fixtures(tmp_path, name, fmt, size, orientation):
+    shutil.copy(FIXTURES / name, tmp_path / name)
+    r = row(scan(tmp_path), name)
+    assert (r["status"], r["format"], (r["width"], r["height"])) == ("ok", fmt, size), r
+    if orientation is not None:
+        assert r["orientation"] == orientation
