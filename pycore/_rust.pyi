@@ -11,7 +11,7 @@ __version__: str
 __all__ = ["__version__", "walk_dir", "scan_files", "assign_buckets", "path_keys", "generate_buckets"]
 
 def walk_dir(
-    root: str | os.PathLike[str], extensions: Sequence[str]
+    root: str | os.PathLike[str], extensions: Sequence[str], threads: int = 0
 ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
     """Walk a folder: (candidate image paths, [(extension, skipped count)], [(folder, problem)])."""
 

@@ -52,17 +52,17 @@ def threads_from_env(threads: int | None) -> int:
     return n
 
 
-def list_images(root: str) -> tuple[list[str], dict[str, int], list[tuple[str, str]]]:
+def list_images(root: str, threads: int = 0) -> tuple[list[str], dict[str, int], list[tuple[str, str]]]:
     """Candidate image paths under ``root`` (sorted), skipped counts, and folder problems."""
     if not os.path.exists(root):
         raise HwError(f"{root} does not exist")
     if not os.path.isdir(root):
         raise HwError(f"{root} is not a folder or a manifest (.parquet)")
     try:
-        files, skipped, problems = _rust.walk_dir(root, list(IMAGE_EXTENSIONS))
+        files, skipped, problems = _rust.walk_dir(root, list(IMAGE_EXTENSIONS), threads)
     except OSError as e:
         raise HwError(f"cannot read {root}: {e}") from None
-    return [os.fspath(f) for f in files], dict(skipped), [(os.fspath(p), why) for p, why in problems]
+    return files, dict(skipped), problems
 
 
 def scan_paths(
@@ -137,7 +137,7 @@ def scan_folder(
 ) -> ScanResult:
     """Walk ``root`` and probe every image file found. One row per candidate file."""
     root = os.path.abspath(root)
-    files, skipped, problems = list_images(root)
+    files, skipped, problems = list_images(root, threads)
     if on_listed:
         on_listed(len(files))
     frame = scan_paths(files, hash=hash, max_pixels=max_pixels, threads=threads, progress=progress)

@@ -49,6 +49,6 @@ if ! VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" develop --re
   echo "setup: building the Rust extension failed (see above)" >&2
   exit 1
 fi
-grep -v -e '^Requirement already satisfied' "$log" >&2 || true
+grep -v -e '^Requirement already satisfied' -e '^Ignoring ' "$log" >&2 || true
 rm -f "$log"
 echo "$VENV"

@@ -142,8 +142,8 @@ def test_schema_doc_lists_every_column():
         assert f"`{c}`" in doc, c
 
 
-def test_installed_command_and_help():
+def test_installed_command_and_help(tmp_path):
     out = subprocess.run([Path(sys.executable).parent / "hw", "--help"], capture_output=True, text=True, check=True).stdout
     assert "bucket" in out
-    r = subprocess.run([Path(sys.executable).parent / "hw", "bucket", "/nope", "-o", "/tmp/x.parquet"], capture_output=True, text=True)
+    r = subprocess.run([Path(sys.executable).parent / "hw", "bucket", "/nope", "-o", tmp_path / "x.parquet"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == "hw: error: /nope does not exist"

@@ -10,6 +10,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 impl From<Error> for PyErr {
@@ -28,18 +29,27 @@ fn detached<T: Send>(py: Python<'_>, threads: usize, f: impl FnOnce() -> T + Sen
 
 /// Walk a directory: (candidate paths, {extension: skipped count}, [(path, problem)]).
 #[pyfunction]
+#[pyo3(signature = (root, extensions, threads=0))]
 #[allow(clippy::type_complexity)]
 fn walk_dir(
     py: Python<'_>,
     root: PathBuf,
     extensions: Vec<String>,
-) -> PyResult<(Vec<PathBuf>, Vec<(String, u64)>, Vec<(PathBuf, String)>)> {
+    threads: usize,
+) -> PyResult<(Vec<OsString>, Vec<(String, u64)>, Vec<(OsString, String)>)> {
     let exts: HashSet<String> = extensions
         .into_iter()
         .map(|e| e.to_ascii_lowercase())
         .collect();
-    let r = py.detach(|| walk::walk(&root, &exts))?;
-    Ok((r.files, r.skipped.into_iter().collect(), r.problems))
+    let r = detached(py, threads, || walk::walk(&root, &exts))??;
+    // An OsString becomes a str (surrogate-escaped, lossless), far cheaper than a pathlib.Path.
+    let files = r.files.into_iter().map(PathBuf::into_os_string).collect();
+    let problems = r
+        .problems
+        .into_iter()
+        .map(|(p, why)| (p.into_os_string(), why))
+        .collect();
+    Ok((files, r.skipped.into_iter().collect(), problems))
 }
 
 /// Probe files in parallel; returns a dict of columns (lists and NumPy arrays).

@@ -3,10 +3,12 @@
 //! Files are candidates when their extension (case-insensitive) is in the caller's set; every
 //! other file is counted as skipped by extension, never silently ignored. Symlinked directories
 //! are followed once each: a directory reached twice (a link loop, or two links to one place)
-//! is reported, not walked again. Entries are sorted by their raw name bytes so the result is
+//! is reported, not walked again (the first reached, in breadth-first name order, is walked).
+//! Entries are sorted by their raw name bytes so the result is
 //! deterministic; names are kept as raw bytes (Unix) so non-UTF-8 names survive losslessly.
 
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -31,7 +33,56 @@ pub fn extension_of(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Walk `root` recursively. `root` itself must be a readable directory.
+/// One directory's entries, read in parallel with its siblings.
+#[derive(Default)]
+struct DirScan {
+    files: Vec<PathBuf>,
+    skipped: BTreeMap<String, u64>,
+    problems: Vec<(PathBuf, String)>,
+    /// Subdirectories (or links to directories) with their (device, inode) identity.
+    subdirs: Vec<(PathBuf, (u64, u64))>,
+}
+
+fn scan_dir(dir: &Path, extensions: &HashSet<String>) -> DirScan {
+    let mut out = DirScan::default();
+    let mut entries: Vec<fs::DirEntry> = match fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+        Err(e) => {
+            out.problems
+                .push((dir.to_path_buf(), format!("cannot read directory: {e}")));
+            return out;
+        }
+    };
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let Ok(ft) = entry.file_type() else {
+            out.problems
+                .push((path, "cannot read entry type".to_string()));
+            continue;
+        };
+        if ft.is_dir() || (ft.is_symlink() && is_dir_target(&path)) {
+            match fs::metadata(&path) {
+                Ok(m) => out.subdirs.push((path, (m.dev(), m.ino()))),
+                Err(e) => out
+                    .problems
+                    .push((path, format!("cannot read directory: {e}"))),
+            }
+            continue;
+        }
+        let ext = extension_of(&path);
+        if extensions.contains(&ext) {
+            out.files.push(path);
+        } else {
+            *out.skipped.entry(ext).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// Walk `root` recursively, reading the directories of each level in parallel (in the
+/// current rayon pool). `root` itself must be a readable directory. The result does not
+/// depend on the thread count.
 pub fn walk(root: &Path, extensions: &HashSet<String>) -> Result<WalkResult> {
     let meta = fs::metadata(root).map_err(|e| Error::from_io(&e, &root.display().to_string()))?;
     if !meta.is_dir() {
@@ -43,44 +94,28 @@ pub fn walk(root: &Path, extensions: &HashSet<String>) -> Result<WalkResult> {
     let mut out = WalkResult::default();
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     seen.insert((meta.dev(), meta.ino()));
-    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let mut entries: Vec<fs::DirEntry> = match fs::read_dir(&dir) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
-            Err(e) => {
-                out.problems
-                    .push((dir.clone(), format!("cannot read directory: {e}")));
-                continue;
+    let mut level: Vec<PathBuf> = vec![root.to_path_buf()];
+    while !level.is_empty() {
+        let scans: Vec<DirScan> = level.par_iter().map(|d| scan_dir(d, extensions)).collect();
+        let mut next = Vec::new();
+        for scan in scans {
+            out.files.extend(scan.files);
+            out.problems.extend(scan.problems);
+            for (ext, n) in scan.skipped {
+                *out.skipped.entry(ext).or_insert(0) += n;
             }
-        };
-        entries.sort_by_key(|e| e.file_name());
-        let mut subdirs = Vec::new();
-        for entry in entries {
-            let path = entry.path();
-            let Ok(ft) = entry.file_type() else {
-                out.problems
-                    .push((path, "cannot read entry type".to_string()));
-                continue;
-            };
-            if ft.is_dir() || (ft.is_symlink() && is_dir_target(&path)) {
-                match fs::metadata(&path) {
-                    Ok(m) if seen.insert((m.dev(), m.ino())) => subdirs.push(path),
-                    Ok(_) => out
-                        .problems
-                        .push((path, "directory already visited (symlink loop or duplicate link); not walked again".into())),
-                    Err(e) => out.problems.push((path, format!("cannot read directory: {e}"))),
+            for (sub, id) in scan.subdirs {
+                if seen.insert(id) {
+                    next.push(sub);
+                } else {
+                    out.problems.push((
+                        sub,
+                        "directory already visited (symlink loop or duplicate link); not walked again".into(),
+                    ));
                 }
-                continue;
-            }
-            let ext = extension_of(&path);
-            if extensions.contains(&ext) {
-                out.files.push(path);
-            } else {
-                *out.skipped.entry(ext).or_insert(0) += 1;
             }
         }
-        // Reverse so the stack pops subdirectories in name order.
-        stack.extend(subdirs.into_iter().rev());
+        level = next;
     }
     out.files.sort_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     Ok(out)
