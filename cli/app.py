@@ -8,6 +8,9 @@ import sys
 import typer
 
 from cli import bucket
+from cli import dedup
+from cli import spm
+from cli import caption
 from pycore.errors import HwError
 
 app = typer.Typer(
@@ -26,6 +29,9 @@ def _root() -> None:
 
 
 bucket.register(app)
+dedup.register(app)
+spm.register(app)
+caption.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,10 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
-__all__ = ["__version__", "walk_dir", "scan_files", "assign_buckets", "path_keys", "generate_buckets"]
+__all__ = [
+    "__version__", "walk_dir", "scan_files", "assign_buckets", "path_keys", "generate_buckets",
+    "perceptual_hashes", "hash_luma", "decode_luma", "hamming_pairs", "connected_components", "group_max_distances",
+]
 
 def walk_dir(
     root: str | os.PathLike[str], extensions: Sequence[str], threads: int = 0
@@ -40,3 +43,29 @@ def path_keys(paths: Sequence[str | os.PathLike[str]]) -> npt.NDArray[np.uint64]
 
 def generate_buckets(max_area: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:
     """A kohya-style generated bucket table."""
+
+
+def perceptual_hashes(
+    paths: Sequence[str | os.PathLike[str]], fast_min_side: int | None = None, threads: int = 0
+) -> dict[str, Any]:
+    """imagehash-identical (phash, dhash) of JPEG/PNG files: {phash, dhash: uint64 arrays, ok: bool array,
+    error_kind, error: lists}. `fast_min_side`: decode JPEGs at reduced scale (fast mode)."""
+
+def hash_luma(pixels: npt.NDArray[np.uint8]) -> tuple[int, int]:
+    """(phash, dhash) of a 2-D uint8 luma array."""
+
+def decode_luma(path: str | os.PathLike[str], fast_min_side: int | None = None) -> npt.NDArray[np.uint8]:
+    """A JPEG/PNG file's luma as Pillow's convert("L") gives it (2-D uint8)."""
+
+def hamming_pairs(
+    hashes: npt.NDArray[np.uint64], threshold: int, brute_force: bool = False, threads: int = 0
+) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32], npt.NDArray[np.uint8]]:
+    """All pairs (i < j) within `threshold` bits: (i, j, distance), sorted by (i, j)."""
+
+def connected_components(n: int, i: npt.NDArray[np.uint32], j: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
+    """Component labels (0.. by smallest member; -1 for singletons)."""
+
+def group_max_distances(
+    hashes: npt.NDArray[np.uint64], labels: npt.NDArray[np.int64], threads: int = 0
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """Per group label: (largest internal Hamming distance, computed exactly?)."""

@@ -48,6 +48,28 @@ COLUMNS: dict[str, pl.DataType] = {
     "crop_fraction": pl.Float64(),
     "upscaled": pl.Boolean(),
     "crop_flagged": pl.Boolean(),
+    # hw dedup
+    "phash": pl.String(),
+    "dhash": pl.String(),
+    "dup_group": pl.Int64(),
+    "dup_distance": pl.Int32(),
+    "dup_max_distance": pl.Int32(),
+    "dup_exact": pl.Boolean(),
+    "keep": pl.Boolean(),
+    "dup_similarity": pl.Float32(),
+    "dup_moved_to": pl.String(),
+    # hw caption
+    "caption": pl.String(),
+    "summary": pl.String(),
+    "elements": pl.List(pl.String()),
+    "inspired_by": pl.String(),
+    "quality": pl.String(),
+    "caption_status": pl.String(),
+    "caption_error": pl.String(),
+    "caption_tokens": pl.Int32(),
+    "caption_too_long": pl.Boolean(),
+    "caption_model": pl.String(),
+    "aesthetic": pl.Float64(),
 }
 
 #: Columns every manifest must have.

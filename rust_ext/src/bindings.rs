@@ -220,6 +220,158 @@ fn generate_buckets(
     Ok(bucket::generate(max_area, step, min_side, max_side)?)
 }
 
+// ---- hw dedup: perceptual hashes, Hamming search, groups ----
+
+/// (phash, dhash, ok, error kind, error message) of each file; hashes are 0 where not ok.
+/// `fast_min_side`: decode JPEGs at reduced DCT scale keeping both sides ≥ this (fast mode).
+#[pyfunction]
+#[pyo3(signature = (paths, fast_min_side=None, threads=0))]
+#[allow(clippy::type_complexity)]
+fn perceptual_hashes<'py>(
+    py: Python<'py>,
+    paths: Vec<PathBuf>,
+    fast_min_side: Option<u32>,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let res = detached(py, threads, || {
+        crate::decode::hash_files(&paths, fast_min_side)
+    })?;
+    let d = PyDict::new(py);
+    let get = |f: fn(&(u64, u64)) -> u64| {
+        res.iter()
+            .map(|r| r.as_ref().map(f).unwrap_or(0))
+            .collect::<Vec<u64>>()
+    };
+    d.set_item("phash", get(|h| h.0).into_pyarray(py))?;
+    d.set_item("dhash", get(|h| h.1).into_pyarray(py))?;
+    d.set_item(
+        "ok",
+        res.iter()
+            .map(|r| r.is_ok())
+            .collect::<Vec<_>>()
+            .into_pyarray(py),
+    )?;
+    d.set_item(
+        "error_kind",
+        res.iter()
+            .map(|r| r.as_ref().err().map(|e| e.kind()))
+            .collect::<Vec<_>>(),
+    )?;
+    d.set_item(
+        "error",
+        res.iter()
+            .map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect::<Vec<_>>(),
+    )?;
+    Ok(d)
+}
+
+/// (phash, dhash) of an 8-bit luma array (rows × columns), as imagehash computes them.
+#[pyfunction]
+fn hash_luma(pixels: numpy::PyReadonlyArray2<'_, u8>) -> PyResult<(u64, u64)> {
+    let a = pixels.as_array();
+    let (h, w) = a.dim();
+    if h == 0 || w == 0 {
+        return Err(PyValueError::new_err("image has a zero size"));
+    }
+    let l = crate::phash::Luma::new(w, h, a.iter().copied().collect());
+    Ok((crate::phash::phash(&l), crate::phash::dhash(&l)))
+}
+
+/// Luma (Pillow's convert("L")) of a JPEG/PNG file, as a 2-D uint8 array; for tests.
+#[pyfunction]
+#[pyo3(signature = (path, fast_min_side=None))]
+fn decode_luma<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    fast_min_side: Option<u32>,
+) -> PyResult<Bound<'py, numpy::PyArray2<u8>>> {
+    let l = py.detach(|| crate::decode::decode_file(&path, fast_min_side))?;
+    let arr = numpy::ndarray::Array2::from_shape_vec((l.height, l.width), l.data)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// All pairs (i < j) of `hashes` within Hamming distance `threshold`: (i, j, distance)
+/// arrays sorted by (i, j). `brute_force` runs the O(n²) reference scan instead of
+/// multi-index hashing.
+#[pyfunction]
+#[pyo3(signature = (hashes, threshold, brute_force=false, threads=0))]
+#[allow(clippy::type_complexity)]
+fn hamming_pairs<'py>(
+    py: Python<'py>,
+    hashes: PyReadonlyArray1<'py, u64>,
+    threshold: u32,
+    brute_force: bool,
+    threads: usize,
+) -> PyResult<(
+    Bound<'py, numpy::PyArray1<u32>>,
+    Bound<'py, numpy::PyArray1<u32>>,
+    Bound<'py, numpy::PyArray1<u8>>,
+)> {
+    if threshold > 64 {
+        return Err(PyValueError::new_err("threshold must be 0..64"));
+    }
+    if hashes.len()? > u32::MAX as usize {
+        return Err(PyValueError::new_err("too many hashes (more than 2^32)"));
+    }
+    let h = hashes.as_slice()?.to_vec();
+    let pairs = detached(py, threads, || {
+        if brute_force {
+            crate::mih::brute_force(&h, threshold)
+        } else {
+            crate::mih::pairs_within(&h, threshold)
+        }
+    })?;
+    let i: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+    let j: Vec<u32> = pairs.iter().map(|p| p.1).collect();
+    let d: Vec<u8> = pairs.iter().map(|p| p.2).collect();
+    Ok((i.into_pyarray(py), j.into_pyarray(py), d.into_pyarray(py)))
+}
+
+/// Connected-component labels (0.., numbered by smallest member; -1 for singletons).
+#[pyfunction]
+fn connected_components<'py>(
+    py: Python<'py>,
+    n: usize,
+    i: PyReadonlyArray1<'py, u32>,
+    j: PyReadonlyArray1<'py, u32>,
+) -> PyResult<Bound<'py, numpy::PyArray1<i64>>> {
+    let (a, b) = (i.as_slice()?, j.as_slice()?);
+    if a.len() != b.len() {
+        return Err(PyValueError::new_err("edge arrays differ in length"));
+    }
+    if a.iter().chain(b).any(|&v| v as usize >= n) {
+        return Err(PyValueError::new_err("edge refers to a node >= n"));
+    }
+    let edges: Vec<(u32, u32)> = a.iter().copied().zip(b.iter().copied()).collect();
+    let labels = py.detach(|| crate::groups::components(n, &edges));
+    Ok(labels.into_pyarray(py))
+}
+
+/// Per group label 0..: (largest internal Hamming distance, exact?) as two arrays.
+#[pyfunction]
+#[pyo3(signature = (hashes, labels, threads=0))]
+#[allow(clippy::type_complexity)]
+fn group_max_distances<'py>(
+    py: Python<'py>,
+    hashes: PyReadonlyArray1<'py, u64>,
+    labels: PyReadonlyArray1<'py, i64>,
+    threads: usize,
+) -> PyResult<(
+    Bound<'py, numpy::PyArray1<u8>>,
+    Bound<'py, numpy::PyArray1<bool>>,
+)> {
+    let (h, l) = (hashes.as_slice()?.to_vec(), labels.as_slice()?.to_vec());
+    if h.len() != l.len() {
+        return Err(PyValueError::new_err("hashes and labels differ in length"));
+    }
+    let r = detached(py, threads, || crate::groups::max_distances(&h, &l))?;
+    let d: Vec<u8> = r.iter().map(|x| x.0).collect();
+    let e: Vec<bool> = r.iter().map(|x| x.1).collect();
+    Ok((d.into_pyarray(py), e.into_pyarray(py)))
+}
+
 #[pymodule]
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(walk_dir, m)?)?;
@@ -227,6 +379,12 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(assign_buckets, m)?)?;
     m.add_function(wrap_pyfunction!(path_keys, m)?)?;
     m.add_function(wrap_pyfunction!(generate_buckets, m)?)?;
+    m.add_function(wrap_pyfunction!(perceptual_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(hash_luma, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_luma, m)?)?;
+    m.add_function(wrap_pyfunction!(hamming_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(connected_components, m)?)?;
+    m.add_function(wrap_pyfunction!(group_max_distances, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -3,8 +3,12 @@
 //! compiled only with the `python` feature that maturin turns on.
 
 pub mod bucket;
+pub mod decode;
 pub mod error;
+pub mod groups;
 pub mod header;
+pub mod mih;
+pub mod phash;
 pub mod pool;
 pub mod scan;
 pub mod walk;

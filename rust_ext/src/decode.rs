@@ -1,0 +1,387 @@
+//! Decoding image files to the 8-bit luma Pillow's `Image.open(p).convert("L")` gives.
+//!
+//! - JPEG: libjpeg-turbo through its TurboJPEG API (the system library, linked directly), with
+//!   the same settings Pillow uses — accurate integer IDCT (ISLOW), fancy upsampling — to RGB,
+//!   then Pillow's luma `(19595 R + 38470 G + 7471 B + 0x8000) >> 16`. Grayscale JPEGs decode
+//!   to gray directly; CMYK/YCCK JPEGs follow Pillow ("CMYK;I": Adobe inverted values, then
+//!   Pillow's CMYK→RGB, then luma). With `scale_min_side`, a JPEG is decoded at reduced scale in
+//!   the DCT domain (1/2, 1/4, 1/8, the smallest keeping both sides ≥ the minimum): the fast mode.
+//! - PNG: the `png` crate, expanded to 8 bits per sample the way Pillow reads each colour type
+//!   (palette → RGB, low bit depths scaled, 16-bit RGB/LA: high byte, 16-bit gray: Pillow's
+//!   "I;16" → "L" clip to 255).
+//! - Everything else is `Error::Unsupported`; the Python side then falls back to Pillow itself.
+
+use crate::error::{Error, IoResultExt, Result};
+use crate::phash::Luma;
+use std::os::raw::{c_char, c_int, c_uchar, c_ulong, c_void};
+use std::path::Path;
+
+#[inline]
+fn l24(r: u8, g: u8, b: u8) -> u8 {
+    ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+fn rgb_to_luma(px: &[u8], channels: usize) -> Vec<u8> {
+    if channels == 4 {
+        // 4-byte pixels: one u32 load each, which the compiler vectorises.
+        return px
+            .chunks_exact(4)
+            .map(|p| {
+                let v = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+                l24(v as u8, (v >> 8) as u8, (v >> 16) as u8)
+            })
+            .collect();
+    }
+    let mut out = vec![0u8; px.len() / channels];
+    for (o, p) in out.iter_mut().zip(px.chunks_exact(channels)) {
+        *o = l24(p[0], p[1], p[2]);
+    }
+    out
+}
+
+#[inline]
+fn muldiv255(a: u32, b: u32) -> u32 {
+    let t = a * b + 128;
+    ((t >> 8) + t) >> 8
+}
+
+/// Pillow's `cmyk2rgb` then luma, from the inverted ("CMYK;I") stored values.
+fn cmyk_inverted_to_luma(px: &[u8]) -> Vec<u8> {
+    px.chunks_exact(4)
+        .map(|p| {
+            let (c, m, y, k) = (255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]);
+            let nk = 255 - k as i32;
+            let ch = |v: u8| (nk - muldiv255(v as u32, nk as u32) as i32).clamp(0, 255) as u8;
+            l24(ch(c), ch(m), ch(y))
+        })
+        .collect()
+}
+
+/// Pillow refuses images above twice its bomb limit (DecompressionBombError); so do we.
+pub const MAX_PIXELS: u64 = 2 * 178_956_970;
+
+fn check_pixels(n: u64) -> Result<()> {
+    if n > MAX_PIXELS {
+        return Err(Error::TooLarge(format!(
+            "image has {n} pixels, more than the {MAX_PIXELS} limit"
+        )));
+    }
+    Ok(())
+}
+
+// ---- TurboJPEG (libjpeg-turbo) FFI: the stable 2.x API, also exported by 3.x ----
+
+#[allow(non_camel_case_types)]
+type tjhandle = *mut c_void;
+
+const TJPF_RGBX: c_int = 2;
+const TJPF_GRAY: c_int = 6;
+const TJPF_CMYK: c_int = 11;
+const TJCS_GRAY: c_int = 2;
+const TJCS_CMYK: c_int = 3;
+const TJCS_YCCK: c_int = 4;
+const TJFLAG_ACCURATEDCT: c_int = 4096;
+const TJERR_WARNING: c_int = 0;
+
+#[link(name = "turbojpeg")]
+extern "C" {
+    fn tjInitDecompress() -> tjhandle;
+    fn tjDestroy(handle: tjhandle) -> c_int;
+    fn tjDecompressHeader3(
+        handle: tjhandle,
+        jpeg_buf: *const c_uchar,
+        jpeg_size: c_ulong,
+        width: *mut c_int,
+        height: *mut c_int,
+        jpeg_subsamp: *mut c_int,
+        jpeg_colorspace: *mut c_int,
+    ) -> c_int;
+    fn tjDecompress2(
+        handle: tjhandle,
+        jpeg_buf: *const c_uchar,
+        jpeg_size: c_ulong,
+        dst_buf: *mut c_uchar,
+        width: c_int,
+        pitch: c_int,
+        height: c_int,
+        pixel_format: c_int,
+        flags: c_int,
+    ) -> c_int;
+    fn tjGetErrorStr2(handle: tjhandle) -> *mut c_char;
+    fn tjGetErrorCode(handle: tjhandle) -> c_int;
+}
+
+struct Decompressor(tjhandle);
+
+impl Decompressor {
+    fn new() -> Result<Decompressor> {
+        // SAFETY: plain constructor; null on failure.
+        let h = unsafe { tjInitDecompress() };
+        if h.is_null() {
+            return Err(Error::Unsupported("cannot start libjpeg-turbo".into()));
+        }
+        Ok(Decompressor(h))
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: the handle is valid; the library returns a NUL-terminated static/handle string.
+        unsafe {
+            let p = tjGetErrorStr2(self.0);
+            if p.is_null() {
+                return "unknown libjpeg-turbo error".into();
+            }
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+impl Drop for Decompressor {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tjInitDecompress and is destroyed once.
+        unsafe {
+            tjDestroy(self.0);
+        }
+    }
+}
+
+thread_local! {
+    static TJ: std::cell::RefCell<Option<Decompressor>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The scaled size TurboJPEG produces for `num/denom` (TJSCALED).
+fn scaled(dim: c_int, num: c_int, denom: c_int) -> c_int {
+    (dim * num + denom - 1) / denom
+}
+
+/// Decode a JPEG to luma. `scale_min_side`: decode at the smallest 1/2^k scale (k ≤ 3) whose
+/// sides are both ≥ this (fast mode); None = full size (exact mode).
+pub fn decode_jpeg(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
+    TJ.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Decompressor::new()?);
+        }
+        let tj = slot.as_ref().expect("initialised above");
+        let (mut w, mut h, mut sub, mut cs) = (0, 0, 0, 0);
+        // SAFETY: buffer and out-pointers are valid for the call.
+        let rc = unsafe {
+            tjDecompressHeader3(
+                tj.0,
+                bytes.as_ptr(),
+                bytes.len() as c_ulong,
+                &mut w,
+                &mut h,
+                &mut sub,
+                &mut cs,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Corrupt(format!("JPEG header: {}", tj.error())));
+        }
+        if w <= 0 || h <= 0 {
+            return Err(Error::Corrupt("JPEG has a zero size".into()));
+        }
+        check_pixels(w as u64 * h as u64)?;
+        let mut denom = 1;
+        if let Some(min) = scale_min_side {
+            let min = min.max(1) as c_int;
+            for d in [2, 4, 8] {
+                if scaled(w, 1, d) >= min && scaled(h, 1, d) >= min {
+                    denom = d;
+                }
+            }
+        }
+        let (sw, sh) = (scaled(w, 1, denom), scaled(h, 1, denom));
+        let (pf, ch) = match cs {
+            TJCS_GRAY => (TJPF_GRAY, 1),
+            TJCS_CMYK | TJCS_YCCK => (TJPF_CMYK, 4),
+            _ => (TJPF_RGBX, 4),
+        };
+        let n = (sw as usize)
+            .checked_mul(sh as usize)
+            .and_then(|v| v.checked_mul(ch))
+            .ok_or_else(|| Error::TooLarge("JPEG too large".into()))?;
+        let mut buf = vec![0u8; n];
+        // SAFETY: `buf` holds sw * sh * ch bytes, the exact output of this call (pitch 0 = tight).
+        let rc = unsafe {
+            tjDecompress2(
+                tj.0,
+                bytes.as_ptr(),
+                bytes.len() as c_ulong,
+                buf.as_mut_ptr(),
+                sw,
+                0,
+                sh,
+                pf,
+                TJFLAG_ACCURATEDCT,
+            )
+        };
+        if rc != 0 {
+            // SAFETY: valid handle.
+            let code = unsafe { tjGetErrorCode(tj.0) };
+            let msg = tj.error();
+            // Pillow refuses truncated JPEGs ("image file is truncated"); other warnings
+            // (extraneous bytes, ...) it decodes through, and so do we.
+            if code != TJERR_WARNING || msg.contains("Premature end") {
+                return Err(if msg.contains("Premature end") {
+                    Error::Truncated(format!("JPEG data: {msg}"))
+                } else {
+                    Error::Corrupt(format!("JPEG data: {msg}"))
+                });
+            }
+        }
+        let data = match ch {
+            1 => buf,
+            4 if pf == TJPF_RGBX => rgb_to_luma(&buf, 4),
+            _ => cmyk_inverted_to_luma(&buf),
+        };
+        Ok(Luma::new(sw as usize, sh as usize, data))
+    })
+}
+
+/// Decode a PNG to luma the way Pillow opens it and converts it to "L".
+pub fn decode_png(bytes: &[u8]) -> Result<Luma> {
+    use png::{BitDepth, ColorType, Transformations};
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(Transformations::EXPAND);
+    dec.set_ignore_text_chunk(true);
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| Error::Corrupt(format!("PNG: {e}")))?;
+    let (orig_ct, orig_depth) = {
+        let info = reader.info();
+        (info.color_type, info.bit_depth)
+    };
+    {
+        let info = reader.info();
+        check_pixels(info.width as u64 * info.height as u64)?;
+    }
+    let size = reader.output_buffer_size();
+    let mut buf = vec![0u8; size];
+    let frame = reader.next_frame(&mut buf).map_err(|e| {
+        let s = e.to_string();
+        if s.contains("EOF") || s.contains("end of") {
+            Error::Truncated(format!("PNG data: {s}"))
+        } else {
+            Error::Corrupt(format!("PNG data: {s}"))
+        }
+    })?;
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    let (ct, depth) = (frame.color_type, frame.bit_depth);
+    let bpp = if depth == BitDepth::Sixteen { 2 } else { 1 };
+    let channels = ct.samples();
+    let stride = frame.line_size;
+    let mut out = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let row = &buf[y * stride..y * stride + w * channels * bpp];
+        let px = row.chunks_exact(channels * bpp);
+        match (ct, bpp) {
+            (ColorType::Grayscale | ColorType::GrayscaleAlpha, 2)
+                if orig_ct == ColorType::Grayscale && orig_depth == BitDepth::Sixteen =>
+            {
+                // Pillow: mode "I;16", and "I;16" → "L" clips at 255.
+                out.extend(px.map(|p| {
+                    let v = u16::from_be_bytes([p[0], p[1]]);
+                    v.min(255) as u8
+                }))
+            }
+            (ColorType::Grayscale | ColorType::GrayscaleAlpha, _) => out.extend(px.map(|p| p[0])),
+            (ColorType::Rgb | ColorType::Rgba, 1) => out.extend(px.map(|p| l24(p[0], p[1], p[2]))),
+            (ColorType::Rgb | ColorType::Rgba, _) => out.extend(px.map(|p| l24(p[0], p[2], p[4]))),
+            _ => return Err(Error::Unsupported(format!("PNG colour type {ct:?}"))),
+        }
+    }
+    Ok(Luma::new(w, h, out))
+}
+
+/// Which decoder a file's bytes call for.
+pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("jpeg")
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("png")
+    } else {
+        None
+    }
+}
+
+/// Decode bytes (JPEG or PNG) to luma. Other formats are `Error::Unsupported`.
+pub fn decode_bytes(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
+    if bytes.is_empty() {
+        return Err(Error::Io {
+            kind: "empty",
+            msg: "file is empty".into(),
+        });
+    }
+    match sniff(bytes) {
+        Some("jpeg") => decode_jpeg(bytes, scale_min_side),
+        Some("png") => decode_png(bytes),
+        _ => Err(Error::Unsupported(
+            "not a JPEG or PNG (decoded by the Pillow fallback)".into(),
+        )),
+    }
+}
+
+/// Read and decode a file to luma.
+pub fn decode_file(path: &Path, scale_min_side: Option<u32>) -> Result<Luma> {
+    let bytes = std::fs::read(path).ctx(&path.display().to_string())?;
+    decode_bytes(&bytes, scale_min_side)
+}
+
+/// (phash, dhash) of each file, in parallel (in the caller's rayon pool), in input order.
+pub fn hash_files(
+    paths: &[std::path::PathBuf],
+    scale_min_side: Option<u32>,
+) -> Vec<Result<(u64, u64)>> {
+    use rayon::prelude::*;
+    paths
+        .par_iter()
+        .map(|p| {
+            let l = decode_file(p, scale_min_side)?;
+            if l.width == 0 || l.height == 0 {
+                return Err(Error::Corrupt("image has a zero size".into()));
+            }
+            Ok((crate::phash::phash(&l), crate::phash::dhash(&l)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luma_weights_sum_to_identity_on_gray() {
+        for v in 0..=255u8 {
+            assert_eq!(l24(v, v, v), v);
+        }
+    }
+
+    #[test]
+    fn unknown_format_is_unsupported() {
+        let e = decode_bytes(b"GIF89a....", None).unwrap_err();
+        assert_eq!(e.kind(), "unsupported");
+        assert_eq!(decode_bytes(b"", None).unwrap_err().kind(), "empty");
+    }
+
+    #[test]
+    fn bad_jpeg_is_an_error_not_a_panic() {
+        let e = decode_bytes(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 1, 2], None).unwrap_err();
+        assert!(matches!(e.kind(), "corrupt" | "truncated"), "{e}");
+    }
+
+    #[test]
+    fn png_roundtrip_gray_and_rgb() {
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, 2, 1);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut w = enc.write_header().unwrap();
+            w.write_image_data(&[255, 0, 0, 10, 20, 30]).unwrap();
+        }
+        let l = decode_bytes(&bytes, None).unwrap();
+        assert_eq!((l.width, l.height), (2, 1));
+        assert_eq!(l.data, vec![l24(255, 0, 0), l24(10, 20, 30)]);
+    }
+}
