@@ -11,6 +11,7 @@ from cli import bucket
 from cli import dedup
 from cli import spm
 from cli import caption
+from cli import lora
 from pycore.errors import HwError
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ bucket.register(app)
 dedup.register(app)
 spm.register(app)
 caption.register(app)
+lora.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,8 @@ def atomic_path(target: str | os.PathLike[str], *, overwrite: bool = True) -> It
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,3 +48,9 @@ def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], None], 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str, *, overwrite: bool = True) -> None:
     write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -147,3 +147,13 @@ def test_installed_command_and_help(tmp_path):
     assert "bucket" in out
     r = subprocess.run([Path(sys.executable).parent / "hw", "bucket", "/nope", "-o", tmp_path / "x.parquet"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == "hw: error: /nope does not exist"
+
+
+def test_outputs_get_normal_permissions(hw, tmp_path):
+    import os
+
+    out = tmp_path / "m.parquet"
+    assert hw("bucket", SAMPLE, "-o", out).code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
