@@ -145,15 +145,9 @@ class ClipBPE:
 
         import regex
 
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-        cs = bs[:]
-        n = 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        self.byte_encoder = dict(zip(bs, (chr(c) for c in cs), strict=True))
+        from pycore.bpe import bytes_to_unicode
+
+        self.byte_encoder = bytes_to_unicode()
         with gzip.open(bpe_path) as f:
             merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
         self.bpe_ranks = {tuple(m.split()): i for i, m in enumerate(merges)}

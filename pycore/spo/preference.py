@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pycore.bpe import bytes_to_unicode
 from pycore.errors import HwError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -283,7 +284,7 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike[str]):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for ch in chars:
         vocab[ch] = len(vocab)
@@ -296,19 +297,6 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike[str]):
     tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
     tok.save_pretrained(folder)
     return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level BPE alphabet: every byte ↦ a printable unicode character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def tiny_spm_config(tokenizer) -> Any:
