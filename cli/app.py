@@ -7,11 +7,7 @@ import sys
 
 import typer
 
-from cli import bucket
-from cli import dedup
-from cli import spm
-from cli import caption
-from cli import lora
+from cli import bucket, caption, dedup, lora, spm
 from pycore.errors import HwError
 
 app = typer.Typer(
@@ -29,10 +25,11 @@ def _root() -> None:
     """Curate SDXL fine-tuning image sets and preference-tune SDXL."""
 
 
+# In pipeline order: curate, caption, score and train preference models, LoRA tools.
 bucket.register(app)
 dedup.register(app)
-spm.register(app)
 caption.register(app)
+spm.register(app)
 lora.register(app)
 
 
