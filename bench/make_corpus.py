@@ -40,7 +40,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def _encode_value(bo: str, typ: int, value) -> tuple[int, bytes]:
 def _ifd_size(entries: list) -> int:
     size = 2 + 12 * len(entries) + 4
     for _tag, typ, value in entries:
-        _n, raw = _encode_value("<", typ, value if not callable(value) else 0)
+        _n, raw = _encode_value("<", typ, value)
         if len(raw) > 4:
             size += len(raw) + (len(raw) & 1)
     return size
