@@ -85,12 +85,12 @@ def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.D
         )  # fmt: skip
     except ValueError as e:
         raise HwError(str(e)) from None
-    names = np.array(out["status_names"], dtype=object)
-    code = out["status_code"]
-    new_status = names[code]
-    status = np.where(code > 0, new_status, frame["status"].to_numpy().astype(object))
+    code = out["status_code"]  # 0 = not assigned (keeps its status), 1 = ok, 2.. = rejected
+    code_s = pl.Series("code", code)
+    new_status = pl.Series("status", out["status_names"], dtype=pl.String).gather(code_s)
+    status = pl.select(pl.when(code_s > 0).then(new_status).otherwise(frame["status"]).alias("status")).to_series()
     ok = code == 1
-    cols = [pl.Series("status", status, dtype=pl.String)]
+    cols = [status]
     for name in BUCKET_COLUMNS[:-1]:
         series = pl.Series(name, out[name])
         cols.append(series)
