@@ -1,0 +1,214 @@
+"""The SPO rollout: stochastic DDIM with branching, step-aware judging and the step-wise resampler.
+
+For a batch of B prompts (shape of the latents given by the caller):
+
+1. x ~ N(0, I); steps ``0 .. divert_start_step-1`` are plain stochastic DDIM steps (CFG ε).
+2. At each branch step i (see :meth:`SPOConfig.branch_steps`) the shared x_t is copied into k
+   candidates; each runs ``1 + num_inner_step`` stochastic DDIM steps (the segment).
+3. The candidates are judged where they arrive: x̂0 from the CFG ε at their own timestep (the
+   next segment start), or the final latents at t = 0 after the last step; ``scorer`` gets x̂0,
+   the prompt index and that timestep.
+4. :func:`select_pairs` picks best/worst and the softmax-gap threshold; for each kept pair every
+   transition of the segment is stored with the segment's label (win and lose each with their own
+   x_t — they are equal for the first transition of the segment).
+5. The rollout continues from a uniformly random candidate (:func:`pick_continuation`); its CFG ε
+   computed for judging is reused for its next step.
+
+Everything runs under ``torch.no_grad`` and draws all randomness from one ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pycore.spo.conditioning import Conditioning, cfg_eps
+from pycore.spo.config import SPOConfig
+from pycore.spo.ddim import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
+from pycore.spo.losses import pick_continuation, select_pairs
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""scorer(x0_latents [M, C, H, W], prompt_idx [M], timesteps [M]) → scores [M] (higher is better)."""
+
+
+@dataclass
+class Transitions:
+    """Stored training transitions: x_t → x_next for the winning and the losing candidate."""
+
+    x_t_win: torch.Tensor
+    x_next_win: torch.Tensor
+    x_t_lose: torch.Tensor
+    x_next_lose: torch.Tensor
+    t: torch.Tensor
+    prompt_idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.t.shape[0]
+
+    def index(self, idx: torch.Tensor | Sequence[int]) -> Transitions:
+        i = torch.as_tensor(idx, dtype=torch.long, device=self.t.device)
+        return Transitions(*(getattr(self, f)[i] for f in self.fields()))
+
+    @staticmethod
+    def fields() -> tuple[str, ...]:
+        return ("x_t_win", "x_next_win", "x_t_lose", "x_next_lose", "t", "prompt_idx")
+
+    @staticmethod
+    def cat(parts: Sequence[Transitions]) -> Transitions:
+        return Transitions(*(torch.cat([getattr(p, f) for p in parts]) for f in Transitions.fields()))
+
+    @staticmethod
+    def empty(latent_shape: Sequence[int], device: Any = None) -> Transitions:
+        z = torch.zeros(0, *latent_shape, device=device)
+        i = torch.zeros(0, dtype=torch.long, device=device)
+        return Transitions(z, z.clone(), z.clone(), z.clone(), i, i.clone())
+
+
+@dataclass
+class RolloutStats:
+    """Per-branch judging statistics (for logging: acceptance rate, rewards)."""
+
+    judged: int = 0
+    kept: int = 0
+    win_scores: list[float] = field(default_factory=list)
+    lose_scores: list[float] = field(default_factory=list)
+    all_scores: list[float] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.kept / self.judged if self.judged else 0.0
+
+
+@dataclass
+class Rollout:
+    transitions: Transitions
+    final_latents: torch.Tensor
+    stats: RolloutStats
+
+
+@torch.no_grad()
+def spo_rollout(
+    unet: Any,
+    cond: Conditioning,
+    scorer: Scorer,
+    config: SPOConfig,
+    latent_shape: Sequence[int],
+    generator: torch.Generator,
+    *,
+    schedule: NoiseSchedule | None = None,
+) -> Rollout:
+    """One SPO rollout for the ``len(cond)`` prompts of ``cond``; see the module docstring."""
+    sched = schedule or NoiseSchedule()
+    ac = sched.alphas_cumprod()
+    steps = config.num_inference_steps
+    ts = leading_timesteps(steps, sched.num_train_timesteps)
+    ratio = sched.num_train_timesteps // steps
+    k, inner = config.num_candidates, config.num_inner_step
+    device = cond.embeds.device
+    b = len(cond)
+    prompt_idx = torch.arange(b, device=device)
+    cand_idx = prompt_idx.repeat_interleave(k)
+    cond_k = cond.select(cand_idx)
+
+    def eps_of(x: torch.Tensor, t: int, c: Conditioning) -> torch.Tensor:
+        return cfg_eps(unet, x, t, c, config.guidance_scale)
+
+    def step(x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        return sample_prev(ddim_step(eps, x, t, ac, ratio, config.eta), generator)
+
+    x = torch.randn((b, *latent_shape), generator=generator, device=device, dtype=torch.float32)
+    eps_cached: torch.Tensor | None = None
+    for i in range(config.divert_start_step):
+        x = step(x, ts[i], eps_of(x, ts[i], cond))
+
+    parts: list[Transitions] = []
+    stats = RolloutStats()
+    branches = config.branch_steps()
+    i = config.divert_start_step
+    while i < steps:
+        if i not in branches:  # tail after the last full segment: plain steps
+            eps = eps_cached if eps_cached is not None else eps_of(x, ts[i], cond)
+            x, eps_cached = step(x, ts[i], eps), None
+            i += 1
+            continue
+        xk = x.repeat_interleave(k, dim=0)
+        eps_k = eps_cached.repeat_interleave(k, dim=0) if eps_cached is not None else eps_of(xk, ts[i], cond_k)
+        seg_x: list[torch.Tensor] = [xk]
+        for j in range(inner + 1):
+            s = i + j
+            if j > 0:
+                eps_k = eps_of(xk, ts[s], cond_k)
+            xk = step(xk, ts[s], eps_k)
+            seg_x.append(xk)
+        nxt = i + inner + 1
+        if nxt < steps:  # judge x̂0 at the candidates' own timestep
+            eps_next = eps_of(xk, ts[nxt], cond_k)
+            x0 = ddim_step(eps_next, xk, ts[nxt], ac, ratio, config.eta).pred_original_sample
+            t_judge = ts[nxt]
+        else:  # final latents are clean images: t = 0
+            eps_next, x0, t_judge = None, xk, 0
+        scores = scorer(x0, cand_idx, torch.full((b * k,), t_judge, device=device, dtype=torch.long)).float().to(device).view(b, k)
+        sel = select_pairs(scores, config.threshold)
+        stats.judged += b
+        stats.kept += int(sel.keep.sum())
+        stats.all_scores += scores.flatten().tolist()
+        stats.win_scores += sel.win_score[sel.keep].tolist()
+        stats.lose_scores += sel.lose_score[sel.keep].tolist()
+        kept = sel.keep.nonzero()[:, 0]
+        if kept.numel():
+            w_rows = kept * k + sel.win[kept]
+            l_rows = kept * k + sel.lose[kept]
+            for j in range(inner + 1):
+                parts.append(Transitions(
+                    x_t_win=seg_x[j][w_rows], x_next_win=seg_x[j + 1][w_rows],
+                    x_t_lose=seg_x[j][l_rows], x_next_lose=seg_x[j + 1][l_rows],
+                    t=torch.full((kept.numel(),), ts[i + j], device=device, dtype=torch.long), prompt_idx=kept.clone(),
+                ))  # fmt: skip
+        choice = pick_continuation(b, k, generator=generator, device=generator.device)
+        rows = prompt_idx * k + choice.to(device)
+        x = xk[rows]
+        eps_cached = eps_next[rows] if eps_next is not None else None
+        i = nxt
+    trans = Transitions.cat(parts) if parts else Transitions.empty(latent_shape, device)
+    return Rollout(transitions=trans, final_latents=x, stats=stats)
+
+
+def spm_scorer(spm: Any, vae: Any, prompts: Sequence[str], *, decode_batch_size: int | None = None) -> Scorer:
+    """A :data:`Scorer` from a StepAwarePreferenceModel: decode x̂0 with ``vae``, score at t."""
+    with torch.no_grad():
+        text = spm.text_embeds(list(prompts))
+
+    def score(x0: torch.Tensor, prompt_idx: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        idx = prompt_idx.to(text.device)
+        return spm.score_latents(x0, vae, [prompts[int(i)] for i in prompt_idx], timesteps,
+                                 text_embeds=text[idx], decode_batch_size=decode_batch_size)  # fmt: skip
+
+    return score
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: Any,
+    cond: Conditioning,
+    config: SPOConfig,
+    latent_shape: Sequence[int],
+    generator: torch.Generator,
+    *,
+    schedule: NoiseSchedule | None = None,
+) -> torch.Tensor:
+    """Plain DDIM sampling with the training settings (steps, eta, CFG): final latents per prompt.
+
+    The evaluation sampler (before/after comparisons, per-epoch sample images).
+    """
+    sched = schedule or NoiseSchedule()
+    ac = sched.alphas_cumprod()
+    ts = leading_timesteps(config.num_inference_steps, sched.num_train_timesteps)
+    ratio = sched.num_train_timesteps // config.num_inference_steps
+    x = torch.randn((len(cond), *latent_shape), generator=generator, device=cond.embeds.device, dtype=torch.float32)
+    for t in ts:
+        eps = cfg_eps(unet, x, t, cond, config.guidance_scale)
+        x = sample_prev(ddim_step(eps, x, t, ac, ratio, config.eta), generator)
+    return x

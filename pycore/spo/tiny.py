@@ -1,0 +1,70 @@
+"""Tiny SDXL-/SD1.5-shaped models built from configs in code (tests and CPU demos; no downloads).
+
+The UNet has SDXL's text_time conditioning; the two CLIP text encoders use the character-level
+tokenizer of :func:`pycore.spo.preference.write_tiny_clip_tokenizer` so any prompt tokenizes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+TE_HIDDEN = 16
+POOLED_DIM = 16
+TIME_EMBED_DIM = 4
+
+
+def tiny_unet_config(sdxl: bool = True) -> dict[str, Any]:
+    cfg: dict[str, Any] = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True,
+    )  # fmt: skip
+    if sdxl:
+        cfg.update(cross_attention_dim=2 * TE_HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+                   projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM)  # fmt: skip
+    else:
+        cfg.update(cross_attention_dim=TE_HIDDEN)
+    return cfg
+
+
+def _text_config(tokenizer, projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TE_HIDDEN, intermediate_size=2 * TE_HIDDEN, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77, projection_dim=POOLED_DIM,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+
+
+@dataclass
+class TinyModels:
+    """Components in the layout of StableDiffusionXLPipeline (text_encoder_2 etc. None for SD1.5)."""
+
+    unet: Any
+    vae: Any
+    tokenizer: Any
+    text_encoder: Any
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+
+
+def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0) -> TinyModels:
+    """Randomly initialised tiny UNet, VAE and CLIP text encoder(s), seeded; latents are 4×h×w."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from pycore.spo.preference import write_tiny_clip_tokenizer
+
+    tok = write_tiny_clip_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(sdxl))
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))  # fmt: skip
+    te1 = CLIPTextModel(_text_config(tok, False))
+    if not sdxl:
+        return TinyModels(unet=unet, vae=vae, tokenizer=tok, text_encoder=te1)
+    te2 = CLIPTextModelWithProjection(_text_config(tok, True))
+    return TinyModels(unet=unet, vae=vae, tokenizer=tok, text_encoder=te1, tokenizer_2=tok, text_encoder_2=te2)
