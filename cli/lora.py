@@ -61,6 +61,13 @@ def _check_choice(value: str, choices: tuple[str, ...], opt: str) -> None:
         raise HwError(f"{opt} must be one of {', '.join(choices)}, not {value!r}")
 
 
+def _prepare_lora_output(threads: int | None, fmt: str, layout: str) -> None:
+    """Shared set-up of the commands that write a LoRA: threads, format and kohya layout checks."""
+    _set_threads(threads)
+    _check_choice(fmt, ("kohya", "diffusers", "peft"), "--format")
+    _check_choice(layout, ("sgm", "diffusers"), "--kohya-layout")
+
+
 def merge_lora(
     inputs: Annotated[list[str], typer.Argument(help="BASE then LORA[:WEIGHT]...; with --into-lora only LORA[:WEIGHT]...", show_default=False)],
     out: OutFile,
@@ -81,9 +88,7 @@ def merge_lora(
 ) -> None:
     from pycore.lora.merge import LoraSpec, merge_into_checkpoint, merge_loras
 
-    _set_threads(threads)
-    _check_choice(fmt, ("kohya", "diffusers", "peft"), "--format")
-    _check_choice(layout, ("sgm", "diffusers"), "--kohya-layout")
+    _prepare_lora_output(threads, fmt, layout)
     if into_lora:
         specs = [LoraSpec.parse(s) for s in inputs]
         rep = merge_loras(specs, out, fmt=fmt, layout=layout, rank=rank, energy=energy, max_rank=max_rank, dtype=dtype,
@@ -154,9 +159,7 @@ def extract_lora(
 ) -> None:
     from pycore.lora.extract import SvdOptions, extract_lora as run
 
-    _set_threads(threads)
-    _check_choice(fmt, ("kohya", "diffusers", "peft"), "--format")
-    _check_choice(layout, ("sgm", "diffusers"), "--kohya-layout")
+    _prepare_lora_output(threads, fmt, layout)
     opts = SvdOptions(rank=rank, energy=energy, max_rank=max_rank, method=svd, clamp_quantile=clamp_quantile, device=device)
     with progress(disable=json_out) as bar:
         task = bar.add_task("extracting", total=None, rate="")

@@ -157,3 +157,26 @@ def test_outputs_get_normal_permissions(hw, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    import pytest as _pytest
+
+    from pycore.errors import HwError
+    from pycore.io import atomic_dir
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with _pytest.raises(HwError, match="--overwrite"):
+        with atomic_dir(out, overwrite=False):
+            pass
+    with _pytest.raises(RuntimeError):
+        with atomic_dir(out) as d:
+            (d / "new.txt").write_text("new")
+            raise RuntimeError("boom")
+    assert (out / "old.txt").read_text() == "old"  # a failed write keeps the old output
+    with atomic_dir(out) as d:
+        (d / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing left behind

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pycore.lora import formats as fm
-from pycore.lora.io import LoraError, default_mode, load_tensors, save_tensors
+from pycore.io import atomic_dir
+from pycore.lora.io import LoraError, load_tensors, save_tensors
 from pycore.lora.layers import FORMATS, LoraLayer, LoraSet, parse_lora, peft_config_for, to_state_dict
 
 if TYPE_CHECKING:
@@ -160,13 +159,7 @@ def _from_peft_model(model: Any, component: str, adapter_name: str) -> LoraSet:
 
 
 def _save_peft_dir(ls: LoraSet, path: Path, metadata: Mapping[str, str] | None, dtype: Any, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise LoraError(f"{path} exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise LoraError(f"output folder {parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         for comp in fm.COMPONENTS:
             layers = {k: v for k, v in ls.layers.items() if fm.split_canonical(k)[0] == comp}
             if not layers:
@@ -183,13 +176,6 @@ def _save_peft_dir(ls: LoraSet, path: Path, metadata: Mapping[str, str] | None, 
             cfg = {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False,
                    "modules_to_save": None, "inference_mode": True, **peft_config_for(layers, comp)}  # fmt: skip
             (d / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
-        default_mode(tmp, folder=True)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_lora(src: str | os.PathLike[str], out: str | os.PathLike[str], to: str, *, layout: str = "sgm",

@@ -266,20 +266,12 @@ def file_body_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def default_mode(path: str | os.PathLike[str], *, folder: bool = False) -> None:
-    """Give a file/folder made through mkstemp/mkdtemp the usual permissions (0666/0777 minus umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
-
-
 def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> None:
     """Write an in-memory dict of tensors (in the given order) atomically."""
     with atomic_path(path, overwrite=overwrite) as tmp:
         with SafeWriter(tmp, [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in tensors.items()], metadata) as w:
             for k, v in tensors.items():
                 w.write(k, v)
-        default_mode(tmp)
 
 
 def load_tensors(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pycore.lora import formats as fm
 from pycore.lora.checkpoint import Checkpoint, Placement, open_checkpoint
 from pycore.lora.convert import load_lora, save_lora
-from pycore.lora.io import DTYPES, LoraError, SafeReader, SafeWriter, default_mode, parse_dtype_option, torch_dtype
+from pycore.lora.io import DTYPES, LoraError, SafeReader, SafeWriter, parse_dtype_option, torch_dtype
 from pycore.lora.layers import LoraLayer, LoraSet
 
 if TYPE_CHECKING:
@@ -187,13 +186,10 @@ def merge_into_checkpoint(base: str | os.PathLike[str], specs: Sequence[LoraSpec
 
         with atomic_path(out, overwrite=overwrite) as tmp:
             write_file(ck.files[0].path, tmp)
-            default_mode(tmp)
     else:
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise LoraError(f"output folder {parent} does not exist")
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-        try:
+        from pycore.io import atomic_dir
+
+        with atomic_dir(out, overwrite=overwrite) as tmpdir:
             for f in ck.files:
                 dst = tmpdir / f.rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -202,13 +198,6 @@ def merge_into_checkpoint(base: str | os.PathLike[str], specs: Sequence[LoraSpec
                 dst = tmpdir / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ck.root / rel, dst)
-            default_mode(tmpdir, folder=True)
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            os.replace(tmpdir, out)
-        except BaseException:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            raise
     rep.tensors_written = done[0]
     rep.modules_merged = {c: len(v) for c, v in sorted(merged_mods.items())}
     rep.dtype = out_dtype or "as base"
