@@ -12,6 +12,18 @@ from pathlib import Path
 from pycore.errors import HwError
 
 
+def _output_target(target: str | os.PathLike[str], overwrite: bool) -> tuple[Path, Path]:
+    """The target as a Path and its folder; errors for an existing target without overwrite
+    and for a missing folder."""
+    target = Path(target)
+    if not overwrite and target.exists():
+        raise HwError(f"{target} exists; pass --overwrite to replace it")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise HwError(f"output folder {parent} does not exist")
+    return target, parent
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto the target.
@@ -19,12 +31,7 @@ def atomic_path(target: str | os.PathLike[str], *, overwrite: bool = True) -> It
     On any exception the temporary file is removed and the target is left untouched.
     With ``overwrite=False`` an existing target is an error.
     """
-    target = Path(target)
-    if not overwrite and target.exists():
-        raise HwError(f"{target} exists; pass --overwrite to replace it")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise HwError(f"output folder {parent} does not exist")
+    target, parent = _output_target(target, overwrite)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -48,12 +55,7 @@ def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
     An existing target (only replaced with ``overwrite``) is moved aside first and deleted only
     after the new folder is in place, so a failure never loses the old output.
     """
-    target = Path(target)
-    if not overwrite and target.exists():
-        raise HwError(f"{target} exists; pass --overwrite to replace it")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise HwError(f"output folder {parent} does not exist")
+    target, parent = _output_target(target, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
