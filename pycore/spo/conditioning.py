@@ -134,6 +134,11 @@ class PromptEncoder:
         pooled = torch.stack([self._cache[p][1] for p in prompts]) if self.sdxl else None  # type: ignore[misc]
         return emb, pooled
 
+    def offload(self, device: Any = "cpu") -> None:
+        """Move the text encoders to ``device`` (e.g. the CPU once every prompt is cached)."""
+        for enc in self.encoders:
+            enc.to(device)
+
     @property
     def cache_size(self) -> int:
         return len(self._cache)

@@ -69,13 +69,20 @@ class Transitions:
 
 @dataclass
 class RolloutStats:
-    """Per-branch judging statistics (for logging: acceptance rate, rewards)."""
+    """Per-branch judging statistics (for logging: acceptance rate, rewards).
+
+    ``kept_scores``: the score of the candidate each rollout continued from (the resampler's
+    choice); ``final_scores``: those of the final images (the branch judged at t = 0), i.e. the
+    reward of what the policy produced.
+    """
 
     judged: int = 0
     kept: int = 0
     win_scores: list[float] = field(default_factory=list)
     lose_scores: list[float] = field(default_factory=list)
     all_scores: list[float] = field(default_factory=list)
+    kept_scores: list[float] = field(default_factory=list)
+    final_scores: list[float] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -169,6 +176,10 @@ def spo_rollout(
                 ))  # fmt: skip
         choice = pick_continuation(b, k, generator=generator, device=generator.device)
         rows = prompt_idx * k + choice.to(device)
+        kept_now = scores[prompt_idx, choice.to(device)].tolist()
+        stats.kept_scores += kept_now
+        if t_judge == 0:
+            stats.final_scores += kept_now
         x = xk[rows]
         eps_cached = eps_next[rows] if eps_next is not None else None
         i = nxt
@@ -195,20 +206,33 @@ def sample_latents(
     cond: Conditioning,
     config: SPOConfig,
     latent_shape: Sequence[int],
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
     *,
     schedule: NoiseSchedule | None = None,
+    eta: float | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain DDIM sampling with the training settings (steps, eta, CFG): final latents per prompt.
+    """DDIM sampling with the config's steps and CFG: final latents per prompt.
 
-    The evaluation sampler (before/after comparisons, per-epoch sample images).
+    The evaluation sampler (before/after comparisons, per-epoch sample images). ``eta`` defaults
+    to the config's (1.0, the training sampler); ``eta=0`` is deterministic DDIM, diffusers'
+    pipeline default. ``noise`` gives the initial latents (e.g. drawn per image from its own seed);
+    otherwise they are drawn from ``generator``, which also drives the per-step noise when eta > 0.
     """
     sched = schedule or NoiseSchedule()
     ac = sched.alphas_cumprod()
     ts = leading_timesteps(config.num_inference_steps, sched.num_train_timesteps)
     ratio = sched.num_train_timesteps // config.num_inference_steps
-    x = torch.randn((len(cond), *latent_shape), generator=generator, device=cond.embeds.device, dtype=torch.float32)
+    eta = config.eta if eta is None else eta
+    device = cond.embeds.device
+    if noise is not None:
+        if noise.shape != (len(cond), *latent_shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(len(cond), *latent_shape)}")
+        x = noise.to(device=device, dtype=torch.float32)
+    else:
+        x = torch.randn((len(cond), *latent_shape), generator=generator, device=device, dtype=torch.float32)
     for t in ts:
         eps = cfg_eps(unet, x, t, cond, config.guidance_scale)
-        x = sample_prev(ddim_step(eps, x, t, ac, ratio, config.eta), generator)
+        st = ddim_step(eps, x, t, ac, ratio, eta)
+        x = sample_prev(st, generator) if eta > 0 else st.mean
     return x
