@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import bucket, caption, dedup, lora, spm
+from cli import bucket, caption, dedup, lora, spm, spo
 from pycore.errors import HwError
 
 app = typer.Typer(
@@ -25,11 +25,12 @@ def _root() -> None:
     """Curate SDXL fine-tuning image sets and preference-tune SDXL."""
 
 
-# In pipeline order: curate, caption, score and train preference models, LoRA tools.
+# In pipeline order: curate, caption, score and train preference models, SPO training, LoRA tools.
 bucket.register(app)
 dedup.register(app)
 caption.register(app)
 spm.register(app)
+spo.register(app)
 lora.register(app)
 
 

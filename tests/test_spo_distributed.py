@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -89,3 +90,42 @@ def test_two_processes_train_together_and_end_with_the_same_lora(tmp_path):
     assert any(r0["lora"][k].abs().sum() > 0 for k in r0["lora"] if "lora_B" in k)  # it trained
     assert (tmp_path / "run" / "spo_lora_diffusers.safetensors").exists()  # written once, by rank 0
     assert (tmp_path / "run" / "checkpoints" / "epoch_0001.pt").exists()
+
+
+def accelerate_launch(args, cwd, timeout=300):
+    """`accelerate launch --multi_gpu --num_processes 2 -m cli.app ...`: two CPU processes over gloo."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "cli.app", *map(str, args)]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_resume_equals_uninterrupted(tmp_path):
+    """The CLI under `accelerate launch` (2 processes): a run stopped after epoch 1 and resumed ends with the
+    same LoRA as an uninterrupted 2-process run; only rank 0 writes outputs and reports."""
+    from pycore.spo.tiny import save_tiny_pipeline, save_tiny_spm
+
+    save_tiny_pipeline(tmp_path / "base")
+    save_tiny_spm(tmp_path / "spm")
+    (tmp_path / "p.txt").write_text("a cat\na dog\na car\na tree\na house\n")
+    common = ["spo-train", "--base", tmp_path / "base", "--spm", tmp_path / "spm", "--prompts", tmp_path / "p.txt", "--resolution", "8",
+              "--lora-rank", "2", "--lr", "1e-3", "--batch-size", "1", "--set", "threshold=0.0", "--epochs", "2",
+              "--num-samples", "0", "--no-tensorboard", "--json"]  # fmt: skip
+    full = accelerate_launch([*common, "--out", tmp_path / "full"], cwd=os.getcwd())
+    assert full.returncode == 0, full.stderr[-3000:]
+    rep = json.loads(full.stdout)  # one report: rank 1 prints nothing
+    assert rep["processes"] == 2 and rep["finished"] and rep["pairs_kept"] > 0
+    part = accelerate_launch([*common, "--out", tmp_path / "part", "--stop-after-epochs", "1"], cwd=os.getcwd())
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert json.loads(part.stdout)["epochs_done"] == 1
+    done = accelerate_launch([*common, "--out", tmp_path / "part", "--resume"], cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "spo_lora_diffusers.safetensors")
+    b = load_file(tmp_path / "part" / "spo_lora_diffusers.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,9 +15,10 @@ POOLED_DIM = 16
 TIME_EMBED_DIM = 4
 
 
-def tiny_unet_config(sdxl: bool = True) -> dict[str, Any]:
+def tiny_unet_config(sdxl: bool = True, layers_per_block: int = 1) -> dict[str, Any]:
+    """``layers_per_block=2`` gives SDXL's block layout (what kohya key names assume); 1 is smaller and faster."""
     cfg: dict[str, Any] = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(8, 16), norm_num_groups=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True,
     )  # fmt: skip
@@ -50,7 +51,7 @@ class TinyModels:
     text_encoder_2: Any = None
 
 
-def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0) -> TinyModels:
+def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, layers_per_block: int = 1) -> TinyModels:
     """Randomly initialised tiny UNet, VAE and CLIP text encoder(s), seeded; latents are 4×h×w."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -60,7 +61,7 @@ def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = Tru
 
     tok = write_tiny_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(sdxl))
+    unet = UNet2DConditionModel(**tiny_unet_config(sdxl, layers_per_block))
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))  # fmt: skip
     te1 = CLIPTextModel(_text_config(tok, False))
@@ -68,3 +69,37 @@ def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = Tru
         return TinyModels(unet=unet, vae=vae, tokenizer=tok, text_encoder=te1)
     te2 = CLIPTextModelWithProjection(_text_config(tok, True))
     return TinyModels(unet=unet, vae=vae, tokenizer=tok, text_encoder=te1, tokenizer_2=tok, text_encoder_2=te2)
+
+
+def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, layers_per_block: int = 1) -> Any:
+    """Save the tiny models as a diffusers pipeline folder (model_index.json, SPO's DDIM scheduler); returns the pipeline.
+
+    What `hw spo-train --base FOLDER` loads in tests and in the demo, exactly as it loads a real model.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    folder = os.fspath(folder)
+    m = build_tiny_models(os.path.join(folder, "_tokenizer_src"), sdxl=sdxl, seed=seed, layers_per_block=layers_per_block)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+                          steps_offset=1, clip_sample=False, set_alpha_to_one=False)  # fmt: skip
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer,
+                                         tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=sched)  # fmt: skip
+    else:
+        pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, scheduler=sched,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(os.path.join(folder, "_tokenizer_src"), ignore_errors=True)
+    return pipe
+
+
+def save_tiny_spm(folder: str | os.PathLike[str], *, seed: int = 0) -> Any:
+    """A tiny random step-aware preference model saved as an `hw spm-train` folder (loads with --spm FOLDER)."""
+    from pycore.spo.preference import StepAwarePreferenceModel, tiny_spm_config, write_tiny_clip_tokenizer
+
+    tok = write_tiny_clip_tokenizer(folder)
+    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok, seed=seed)
+    spm.save_pretrained(folder, overwrite=True)
+    return spm
