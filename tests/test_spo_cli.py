@@ -21,7 +21,7 @@ FAST = ["--resolution", "8", "--lora-rank", "2", "--lr", "1e-3", "--batch-size",
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("spo_models")
-    save_tiny_pipeline(root / "sdxl", sdxl=True, layers_per_block=2)  # SDXL's layout: kohya names map 1:1
+    save_tiny_pipeline(root / "sdxl", sdxl=True, full_layout=True)  # SDXL's layout: kohya names map 1:1
     save_tiny_spm(root / "spm")
     prompts = root / "prompts.txt"
     prompts.write_text("a cat\na dog on a beach\n\na red car\n", encoding="utf-8")

@@ -88,11 +88,11 @@ def _hub_json(repo: str, filename: str, local_files_only: bool) -> dict[str, Any
 
     try:
         path = hf_hub_download(repo, filename, local_files_only=local_files_only)
-    except EntryNotFoundError:
-        return None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError in recent huggingface_hub: test it first)
         raise ModelLoadError(f"{repo}: not a local folder or file, and not in the Hugging Face cache while downloads are off "
                              "(HF_HUB_OFFLINE)") from None  # fmt: skip
+    except EntryNotFoundError:
+        return None
     except RepositoryNotFoundError:
         raise ModelLoadError(f"{repo}: no such model on the Hugging Face hub (or it is private: log in with `hf auth login`)") from None
     except Exception as e:  # network errors, bad names (HFValidationError), ...
@@ -214,7 +214,7 @@ def _call(what: str, where: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except HwError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+    except Exception as e:  # diffusers/transformers raise many types (SingleFileComponentError, HFValidationError, ...)
         raise ModelLoadError(f"cannot load the {what} of {where}: {_first_line(e)}") from None
 
 
@@ -270,10 +270,18 @@ def load_base(
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-        extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+        extra: dict[str, Any] = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+        if vae is not None:  # a checkpoint saved without its VAE loads with --vae
+            extra["vae"] = _load_vae(vae, vae_dtype, off, sdxl)
         pipe = _call("pipeline", name, cls.from_single_file, str(path), config=single_file_config or OFFICIAL[found],
                      torch_dtype=dtype, local_files_only=off, **extra)  # fmt: skip
         parts = {k: getattr(pipe, k, None) for k in ("unet", "vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+        for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            m = parts.get(comp)
+            unset = [n for n, t in m.state_dict().items() if t.is_meta] if m is not None else []
+            if unset:  # diffusers' conversion left weights unset: the file does not match --base-config
+                raise ModelLoadError(f"{name}: the {comp} weights do not match the configs of {single_file_config or OFFICIAL[found]} "
+                                     f"({len(unset)} tensors unset, e.g. {unset[0]}); pass the right --base-config")  # fmt: skip
         sched_cfg = dict(pipe.scheduler.config)
         force_zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", sdxl)) if sdxl else False
     else:
@@ -304,7 +312,7 @@ def load_base(
 
             parts["vae"] = _call("VAE", name, AutoencoderKL.from_pretrained, src, subfolder="vae", torch_dtype=vae_dtype, **common)
     schedule = check_schedule(sched_cfg, f"{name} scheduler")
-    if vae is not None:
+    if vae is not None and kind != "file":
         parts["vae"] = _load_vae(vae, vae_dtype, off, sdxl)
     v = parts["vae"]
     if v.dtype != vae_dtype:

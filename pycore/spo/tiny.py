@@ -15,25 +15,30 @@ POOLED_DIM = 16
 TIME_EMBED_DIM = 4
 
 
-def tiny_unet_config(sdxl: bool = True, layers_per_block: int = 1) -> dict[str, Any]:
-    """``layers_per_block=2`` gives SDXL's block layout (what kohya key names assume); 1 is smaller and faster."""
+TE2_HIDDEN_FULL = 24
+
+
+def tiny_unet_config(sdxl: bool = True, full_layout: bool = False) -> dict[str, Any]:
+    """``full_layout``: SDXL's two layers per block and a second text encoder wider than the first (as 1280 vs 768),
+    so kohya key names and diffusers' single-file conversion map as for the real model; smaller and faster without."""
+    te2 = TE2_HIDDEN_FULL if full_layout else TE_HIDDEN
     cfg: dict[str, Any] = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(8, 16), norm_num_groups=4,
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2 if full_layout else 1, block_out_channels=(8, 16), norm_num_groups=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True,
     )  # fmt: skip
     if sdxl:
-        cfg.update(cross_attention_dim=2 * TE_HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+        cfg.update(cross_attention_dim=TE_HIDDEN + te2, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
                    projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM)  # fmt: skip
     else:
         cfg.update(cross_attention_dim=TE_HIDDEN)
     return cfg
 
 
-def _text_config(tokenizer, projection: bool):
+def _text_config(tokenizer, projection: bool, hidden: int = TE_HIDDEN):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TE_HIDDEN, intermediate_size=2 * TE_HIDDEN, num_hidden_layers=2,
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                           num_attention_heads=2, max_position_embeddings=77, projection_dim=POOLED_DIM,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.eos_token_id)  # fmt: skip
@@ -51,7 +56,7 @@ class TinyModels:
     text_encoder_2: Any = None
 
 
-def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, layers_per_block: int = 1) -> TinyModels:
+def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, full_layout: bool = False) -> TinyModels:
     """Randomly initialised tiny UNet, VAE and CLIP text encoder(s), seeded; latents are 4×h×w."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -61,17 +66,17 @@ def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = Tru
 
     tok = write_tiny_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(sdxl, layers_per_block))
+    unet = UNet2DConditionModel(**tiny_unet_config(sdxl, full_layout))
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))  # fmt: skip
     te1 = CLIPTextModel(_text_config(tok, False))
     if not sdxl:
         return TinyModels(unet=unet, vae=vae, tokenizer=tok, text_encoder=te1)
-    te2 = CLIPTextModelWithProjection(_text_config(tok, True))
+    te2 = CLIPTextModelWithProjection(_text_config(tok, True, TE2_HIDDEN_FULL if full_layout else TE_HIDDEN))
     return TinyModels(unet=unet, vae=vae, tokenizer=tok, text_encoder=te1, tokenizer_2=tok, text_encoder_2=te2)
 
 
-def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, layers_per_block: int = 1) -> Any:
+def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, full_layout: bool = False) -> Any:
     """Save the tiny models as a diffusers pipeline folder (model_index.json, SPO's DDIM scheduler); returns the pipeline.
 
     What `hw spo-train --base FOLDER` loads in tests and in the demo, exactly as it loads a real model.
@@ -79,7 +84,7 @@ def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, see
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = os.fspath(folder)
-    m = build_tiny_models(os.path.join(folder, "_tokenizer_src"), sdxl=sdxl, seed=seed, layers_per_block=layers_per_block)
+    m = build_tiny_models(os.path.join(folder, "_tokenizer_src"), sdxl=sdxl, seed=seed, full_layout=full_layout)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
                           steps_offset=1, clip_sample=False, set_alpha_to_one=False)  # fmt: skip
     if sdxl:
