@@ -87,6 +87,11 @@ def make_accelerator(config: SPOConfig, out: Path, *, cpu: bool = False, log_wit
         # a single process that already made an Accelerator (in-process use, tests): its settings may differ
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+    import torch
+
+    # Without a GPU, accelerate only sets up the process group (MULTI_CPU over gloo, e.g. under
+    # `accelerate launch --multi_gpu` on a CPU machine) when told cpu=True; otherwise each process trains alone.
+    cpu = cpu or not torch.cuda.is_available()
     try:
         return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu, log_with=list(log_with) or None,
                            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))  # fmt: skip
