@@ -27,3 +27,5 @@ test:
 bench:
 	venv=$$(scripts/setup.sh | tail -n 1)
 	"$$venv/bin/python" bench/bench_bucket.py
+	"$$venv/bin/python" bench/bench_spo.py
+	"$$venv/bin/python" bench/spo_memory_budget.py

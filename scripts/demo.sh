@@ -45,6 +45,17 @@ PY
 "$hw" spm-score out/sample_captioned.parquet --prompt-column caption --model out/tiny_spm --timestep 0 \
   --out out/sample_scored.parquet --overwrite
 echo
+echo "== hw spo-train: SPO of a tiny SDXL-shaped pipeline (built here; real use: --base stabilityai/stable-diffusion-xl-base-1.0"
+echo "   --spm spo-sdxl) on the sample's captions, then hw spo-sample: before/after with the same seeds, scored by the SPM"
+"$venv/bin/python" - <<'PY'
+from pycore.spo.tiny import save_tiny_pipeline
+save_tiny_pipeline("out/tiny_sdxl", full_layout=True)
+PY
+"$hw" spo-train --base out/tiny_sdxl --spm out/tiny_spm --prompts out/sample_captioned.parquet --prompt-column caption \
+  --out out/spo_run --resolution 8 --lora-rank 4 --lr 1e-3 --epochs 1 --set threshold=0.0 --num-samples 2 --overwrite
+"$hw" spo-sample --base out/tiny_sdxl --lora out/spo_run/spo_lora_diffusers.safetensors --prompts out/sample_captioned.parquet \
+  --prompt-column caption --limit 4 --compare --spm out/tiny_spm --resolution 8 --out out/spo_samples --overwrite
+echo
 echo "== LoRA tools on a tiny generated SDXL-named checkpoint: convert to kohya, merge, extract, combine"
 mkdir -p out/lora_demo
 "$venv/bin/python" - <<'PY'
@@ -70,4 +81,5 @@ PY
 echo
 echo "Outputs in out/: sample.parquet (manifest), buckets.png (histogram), kohya_meta.json (kohya metadata),"
 echo "sample_dedup.parquet + dedup_review.html, caption_batch/ + sample_captioned.parquet + sample_captions.jsonl,"
-echo "sample_scored.parquet, lora_demo/ (converted, merged, extracted and combined LoRAs)"
+echo "sample_scored.parquet, spo_run/ (SPO LoRA, config, checkpoints, samples, logs), spo_samples/ (before/after grid),"
+echo "lora_demo/ (converted, merged, extracted and combined LoRAs)"

@@ -96,7 +96,9 @@ def load_lora_into(pipe: Any, lora: str, scale: float) -> None:
             self.messages.append(record.getMessage())
 
     log = logging.getLogger("diffusers")
-    seen, propagate = _Collect(), log.propagate
+    seen, propagate, own = _Collect(), log.propagate, list(log.handlers)
+    for h in own:  # diffusers' own stderr handler: its notes are collected, not printed
+        log.removeHandler(h)
     log.addHandler(seen)
     log.propagate = False  # diffusers' notes about components the LoRA does not touch are not the user's concern
     try:
@@ -106,6 +108,8 @@ def load_lora_into(pipe: Any, lora: str, scale: float) -> None:
         raise HwError(f"diffusers cannot load the LoRA {lora}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     finally:
         log.removeHandler(seen)
+        for h in own:
+            log.addHandler(h)
         log.propagate = propagate
     partial = [m for m in seen.messages if "unexpected keys" in m]
     if partial:  # keys that matched no module: the LoRA would apply only in part
