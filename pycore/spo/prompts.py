@@ -47,6 +47,14 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def add(self, row: int, value: object, what: str) -> None:
+        """Keep ``value`` as a prompt, or record row ``row`` as skipped when it holds none."""
+        p = clean_prompt(value)
+        if p is None:
+            self.skipped.append((row, f"{what} is empty or not text"))
+        else:
+            self.prompts.append(p)
+
 
 def clean_prompt(value: object) -> str | None:
     """The prompt text of one cell, or None when it has none (null, not text, blank)."""
@@ -112,11 +120,7 @@ def _from_jsonl(path: Path, column: str | None) -> PromptSet:
         else:
             ps.skipped.append((i, "neither a JSON object nor a string"))
             continue
-        p = clean_prompt(value)
-        if p is None:
-            ps.skipped.append((i, f"{key or 'value'} is empty or not text"))
-        else:
-            ps.prompts.append(p)
+        ps.add(i, value, key or "value")
     return ps
 
 
@@ -141,11 +145,7 @@ def _from_table(path: Path, column: str | None) -> PromptSet:
         if status is not None and status[i - 1] != "ok":
             ps.skipped.append((i, f"caption_status {status[i - 1]}"))
             continue
-        p = clean_prompt(v)
-        if p is None:
-            ps.skipped.append((i, f"{key} is empty or not text"))
-        else:
-            ps.prompts.append(p)
+        ps.add(i, v, key)
     return ps
 
 
