@@ -91,7 +91,8 @@ def make_accelerator(config: SPOConfig, out: Path, *, cpu: bool = False, log_wit
 
     # Without a GPU, accelerate only sets up the process group (MULTI_CPU over gloo, e.g. under
     # `accelerate launch --multi_gpu` on a CPU machine) when told cpu=True; otherwise each process trains alone.
-    cpu = cpu or not torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None)
+    cpu = cpu or not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
     try:
         return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu, log_with=list(log_with) or None,
                            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))  # fmt: skip
