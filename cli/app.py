@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 
 from cli import bucket, caption, dedup, lora, spm, spo
-from pycore.errors import HwError
+from pycore.errors import HwError, HwWarning
 
 app = typer.Typer(
     name="hw",
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     debug = os.environ.get("HW_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, prog_name="hw")
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            app(args=argv, prog_name="hw")
     except SystemExit as e:  # Typer's normal exit, usage errors (code 2) included
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
@@ -51,8 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"hw: error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """pycore's HwWarnings print as one `warning:` line; other warnings as Python prints them."""
+    if issubclass(category, HwWarning):
+        from cli.common import warn
+
+        warn(str(message))
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def run() -> None:

@@ -8,14 +8,22 @@ Paths: ``path`` is the file's path as UTF-8 text. A file name that is not valid 
 stored losslessly in a Parquet string, so for those rows ``path`` holds a readable version (invalid
 bytes replaced by U+FFFD) and ``path_bytes`` holds the exact bytes; :func:`fs_paths` gives back
 the real path for every row.
+
+Carrying forward: every command reads a :class:`Manifest` (frame + metadata), computes its
+columns, and writes ``manifest.derive(frame, command, updates)``: the rows are checked to be the
+same, every earlier column is checked to be kept, and the earlier metadata is merged with this
+command's keys (and the command appended to ``history``), so nothing an earlier step recorded is
+lost.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -180,3 +188,63 @@ def write_manifest(
         meta[f"hw.{k}"] = v if isinstance(v, str) else json.dumps(v)
     with atomic_path(path, overwrite=overwrite) as tmp:
         frame.write_parquet(tmp, metadata=meta)
+
+
+@dataclass
+class Manifest:
+    """A manifest table with hw's metadata (``hw.*`` keys of the Parquet footer, prefix removed;
+    values are strings, JSON text for anything else)."""
+
+    frame: pl.DataFrame
+    meta: dict[str, str] = field(default_factory=dict)
+    source: Path | None = None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> Manifest:
+        frame = read_manifest(path, required)
+        meta = {k: v for k, v in read_metadata(path).items() if k != "schema_version"}
+        return cls(frame, meta, Path(path))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A metadata value, decoded from JSON where it is JSON (plain strings as they are)."""
+        if key not in self.meta:
+            return default
+        v = self.meta[key]
+        try:
+            return json.loads(v)
+        except (ValueError, TypeError):
+            return v
+
+    @property
+    def history(self) -> list[str]:
+        h = self.get("history", [])
+        return list(h) if isinstance(h, list) else []
+
+    def derive(self, frame: pl.DataFrame, command: str, updates: Mapping[str, object] | None = None) -> Manifest:
+        """The next manifest: ``frame`` must hold the same rows (any order) and every column this
+        one has; metadata is this one's with ``updates`` merged over it and ``command`` appended
+        to ``history``."""
+        if len(frame) != len(self.frame):
+            raise ManifestError(f"{command}: would write {len(frame):,} rows for a manifest of {len(self.frame):,}; "
+                                "commands never drop or add rows")  # fmt: skip
+        dropped = [c for c in self.frame.columns if c not in frame.columns]
+        if dropped:
+            raise ManifestError(f"{command}: would drop column(s) {', '.join(dropped)} of the input manifest")
+        if not frame["path"].equals(self.frame["path"]) and not frame["path"].sort().equals(self.frame["path"].sort()):
+            raise ManifestError(f"{command}: the rows' paths differ from the input manifest's")
+        meta = dict(self.meta)
+        for k, v in (updates or {}).items():
+            meta[k] = v if isinstance(v, str) else json.dumps(v, default=str)
+        meta["history"] = json.dumps([*self.history, command])
+        return Manifest(frame, meta, None)
+
+    def write(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Validate and write atomically (see :func:`write_manifest`)."""
+        write_manifest(self.frame, path, metadata=self.meta, overwrite=overwrite)
+
+
+def new_manifest(frame: pl.DataFrame, command: str, meta: Mapping[str, object]) -> Manifest:
+    """The first manifest of a chain (``hw bucket`` on a folder): ``history`` starts with ``command``."""
+    out = {k: (v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in meta.items()}
+    out["history"] = json.dumps([command])
+    return Manifest(frame, out, None)
