@@ -61,3 +61,29 @@ def png_header(w: int, h: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+# --- helpers for tests of user mistakes (issue 13: one line, right exit code, inputs untouched) ---
+
+
+def assert_one_line_error(r: Result, code: int = 1, contains: str | None = None) -> str:
+    """The run failed with ``code`` and exactly one ``hw: error:`` line, no traceback; returns it."""
+    assert r.code == code, f"exit {r.code} (wanted {code}); stderr:\n{r.err}"
+    assert "Traceback" not in r.err, r.err
+    lines = [ln for ln in r.err.splitlines() if ln.startswith("hw: error:")]
+    assert len(lines) == 1, f"wanted one 'hw: error:' line; stderr:\n{r.err}"
+    if contains is not None:
+        assert contains.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def tree_digest(*paths: Path) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or folders), keyed by path."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
