@@ -20,7 +20,7 @@ from pycore import _rust
 from pycore.buckets import BucketTable
 from pycore.errors import HwError
 from pycore.io import write_atomic, write_text_atomic
-from pycore.manifest import BUCKET_STATUSES, fs_paths
+from pycore.manifest import BUCKET_STATUSES, fs_paths, status_code, status_names
 
 SMALL_POLICIES = ("upscale", "own", "reject")
 
@@ -85,11 +85,11 @@ def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.D
         )  # fmt: skip
     except ValueError as e:
         raise HwError(str(e)) from None
-    code = out["status_code"]  # 0 = not assigned (keeps its status), 1 = ok, 2.. = rejected
-    code_s = pl.Series("code", code)
-    new_status = pl.Series("status", out["status_names"], dtype=pl.String).gather(code_s)
-    status = pl.select(pl.when(code_s > 0).then(new_status).otherwise(frame["status"]).alias("status")).to_series()
-    ok = code == 1
+    assigned = out["assigned"]  # False: size unknown, the row keeps its status
+    new_status = status_names(out["status_code"])
+    status = pl.select(pl.when(pl.Series(assigned)).then(new_status).otherwise(frame["status"]).alias("status")).to_series()
+    ok = assigned & (out["status_code"] == status_code("ok"))
+    rejected = assigned & ~ok
     cols = [status]
     for name in BUCKET_COLUMNS[:-1]:
         series = pl.Series(name, out[name])
@@ -102,7 +102,7 @@ def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.D
         *[pl.when(okm).then(pl.col(c).cast(pl.Int32)).alias(c) for c in int_cols],
         *[pl.when(okm).then(pl.col(c)).alias(c) for c in ("scale", "crop_fraction", "upscaled", "crop_flagged")],
         # A bucketing rejection explains itself in `error`; an ok row has none from bucketing.
-        pl.when(pl.Series(code > 1))
+        pl.when(pl.Series(rejected))
         .then(pl.lit("rejected by bucketing: ") + pl.col("status"))
         .when(pl.Series(ok))
         .then(pl.lit(None, dtype=pl.String))

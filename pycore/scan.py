@@ -11,7 +11,8 @@ import polars as pl
 
 from pycore import _rust
 from pycore.errors import HwError
-from pycore.manifest import display_path, path_columns
+from pycore.limits import MAX_PIXELS
+from pycore.manifest import display_path, path_columns, status_names
 
 #: File extensions treated as images (case-insensitive). The format itself is always read from
 #: the file's bytes; the extension only decides which files are looked at.
@@ -20,8 +21,8 @@ IMAGE_EXTENSIONS = (
     "tif", "tiff", "avif", "heic", "heif", "jxl",
 )  # fmt: skip
 
-#: Pillow's DecompressionBombError threshold: larger declared sizes get status "too_large".
-DEFAULT_MAX_PIXELS = 178_956_970
+#: Larger declared sizes get status "too_large" (see pycore.limits.MAX_PIXELS).
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 @dataclass
@@ -89,7 +90,7 @@ def scan_paths(
         vals = parts[name]
         return np.concatenate(vals) if isinstance(vals[0], np.ndarray) else [x for v in vals for x in v]
 
-    status = pl.Series("status", cat("status"), dtype=pl.String)
+    status = status_names(cat("status_code"))
     has_size = pl.Series(cat("width")) > 0
     frame = pl.DataFrame(
         [
