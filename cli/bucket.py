@@ -47,10 +47,10 @@ def bucket(
     json_out: Json = False,
     overwrite: Overwrite = False,
 ) -> None:
-    from pycore import buckets as bt
-    from pycore.bucketing import BucketOptions, bucket_source, export_kohya as write_kohya, plot as write_plot
+    from pycore.curation import tables as bt
+    from pycore.curation.assign import BucketOptions, bucket_source, export_kohya as write_kohya, plot as write_plot
     from pycore.manifest import write_manifest
-    from pycore.scan import threads_from_env
+    from pycore.checks import resolve_threads as threads_from_env
 
     t0 = time.perf_counter()
     for p in (out, plot, export_kohya):

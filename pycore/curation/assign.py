@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from pycore import _rust
-from pycore.buckets import BucketTable
+from pycore.curation.tables import BucketTable
 from pycore.errors import HwError
 from pycore.io import write_atomic, write_text_atomic
 from pycore.manifest import BUCKET_STATUSES, fs_paths, status_code, status_names
@@ -250,9 +250,9 @@ def bucket_source(
 
     ``progress(n)`` is called as files are probed; ``on_listed(total)`` once the walk is done.
     """
-    from pycore.buckets import off_grid
+    from pycore.curation.tables import off_grid
     from pycore.manifest import read_manifest, read_metadata
-    from pycore.scan import DEFAULT_MAX_PIXELS, scan_folder
+    from pycore.curation.scan import DEFAULT_MAX_PIXELS, scan_folder
 
     src = Path(src)
     if src.is_file() and src.suffix.lower() == ".parquet":

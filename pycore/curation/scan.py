@@ -35,24 +35,6 @@ class ScanResult:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
 
-def threads_from_env(threads: int | None) -> int:
-    """The worker count: the option, else $HW_THREADS, else 0 (one per core)."""
-    if threads is not None:
-        if threads < 0:
-            raise HwError("--threads must be 0 (all cores) or more")
-        return threads
-    env = os.environ.get("HW_THREADS", "")
-    if not env:
-        return 0
-    try:
-        n = int(env)
-    except ValueError:
-        raise HwError(f"HW_THREADS={env!r} is not a whole number") from None
-    if n < 0:
-        raise HwError("HW_THREADS must be 0 (all cores) or more")
-    return n
-
-
 def list_images(root: str, threads: int = 0) -> tuple[list[str], dict[str, int], list[tuple[str, str]]]:
     """Candidate image paths under ``root`` (sorted), skipped counts, and folder problems."""
     if not os.path.exists(root):
