@@ -227,7 +227,10 @@ def export_kohya(frame: pl.DataFrame, path: str | Path, *, overwrite: bool = Fal
     if n_raw:
         warnings.warn(f"{n_raw} path(s) in --export-kohya are not valid UTF-8; their undecodable bytes are written "
                       "as \\udcXX escapes (Python's json.load + open() find the files)", HwWarning, stacklevel=2)  # fmt: skip
-    write_atomic(path, lambda p: p.write_bytes(data), overwrite=overwrite)
+    def write(p: Path) -> None:
+        p.write_bytes(data)
+
+    write_atomic(path, write, overwrite=overwrite)
     return len(meta)
 
 
