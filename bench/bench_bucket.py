@@ -14,7 +14,7 @@ page cache is warm, then times on the same files:
   * equal work: the baselines also hashing every file's bytes with xxh3-128 (the same hash hw
     stores; the hex digests are compared) next to hw with hashing;
   * re-bucketing a synthetic 1,000,000-row manifest (no file I/O): the CLI end to end and the
-    in-process pycore.bucketing.assign call.
+    in-process pycore.curation.assign.assign call.
 
 Sizes are compared file by file (hw vs Pillow after EXIF orientation, hw's stored size vs
 imagesize, both vs the corpus's recorded truth); any mismatch is counted and listed.
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- the full-corpus rows: hw (CLI and in-process), the loops, the scripts. They are run
     # round-robin (one run of each, N times over) so that load from elsewhere on the machine is
     # spread over all rows instead of landing on whichever row happened to run then.
-    from pycore.scan import IMAGE_EXTENSIONS, scan_folder
+    from pycore.curation.scan import IMAGE_EXTENSIONS, scan_folder
 
     exts = ",".join(IMAGE_EXTENSIONS)
     rot = imagesize_has_rotation()
@@ -618,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     make_rebucket_manifest(m_in, args.rows, args.seed)
     log(f"  built {m_in.name} ({m_in.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
-    from pycore.bucketing import BucketOptions, assign, report
-    from pycore.buckets import load_table
+    from pycore.curation.assign import BucketOptions, assign, report
+    from pycore.curation.tables import load_table
     from pycore.manifest import read_manifest, write_manifest
 
     table, opts = load_table("helloworld"), BucketOptions()
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     add("rebucket_cli", f"hw bucket M.parquet (re-bucket {args.rows:,} rows)",
         "Python start-up + read Parquet + assign + report + write Parquet", walls, args.rows,
         hashing=False, internal=min(internals), cpu=cpus)  # fmt: skip
-    add("rebucket_assign", "pycore.bucketing.assign (in-process)", "bucket assignment only", step_times["assign"],
+    add("rebucket_assign", "pycore.curation.assign.assign (in-process)", "bucket assignment only", step_times["assign"],
         args.rows, hashing=False)  # fmt: skip
     breakdown = {k: min(v) for k, v in step_times.items()}
     log("  in-process breakdown: " + ", ".join(f"{k} {v:.3f} s" for k, v in breakdown.items()))

@@ -1,4 +1,9 @@
-"""The `hw` command: one Typer app, one module per command group, one error handler."""
+"""The `hw` command: one Typer app, one module per command group, one error handler.
+
+A command imports only what it uses: `hw bucket …` registers (imports) only cli.bucket; the
+full list is registered for `hw --help` or a name that is not known here. Each command module
+imports its heavy dependencies (polars, numpy, torch, rich tables) inside the command.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,22 @@ import os
 import sys
 import warnings
 
+import importlib
+
 import typer
 
-from cli import bucket, caption, dedup, lora, spm, spo
+from typer.core import TyperCommand
+
+from cli.common import HwCommand, HwGroup
 from pycore.errors import HwError, HwWarning
+
+#: Command name → the cli module that registers it, in pipeline order (curate, caption, score and
+#: train preference models, SPO training, LoRA tools).
+COMMANDS = {
+    "bucket": "cli.bucket", "dedup": "cli.dedup", "caption": "cli.caption",
+    "spm-score": "cli.spm", "spm-train": "cli.spm", "spo-train": "cli.spo", "spo-sample": "cli.spo",
+    "merge-lora": "cli.lora", "extract-lora": "cli.lora", "convert-lora": "cli.lora",
+}  # fmt: skip
 
 app = typer.Typer(
     name="hw",
@@ -18,21 +35,45 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=HwGroup,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("hw")
+        except PackageNotFoundError:
+            v = "unknown (not installed)"
+        typer.echo(f"hw {v}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print hw's version and exit.", callback=_version, is_eager=True),
+) -> None:
     """Curate SDXL fine-tuning image sets and preference-tune SDXL."""
 
 
-# In pipeline order: curate, caption, score and train preference models, SPO training, LoRA tools.
-bucket.register(app)
-dedup.register(app)
-caption.register(app)
-spm.register(app)
-spo.register(app)
-lora.register(app)
+_registered: set[str] = set()
+
+
+def register(argv: list[str] | None = None) -> typer.Typer:
+    """Register the command modules ``argv`` needs (all of them without a known command name)."""
+    args = sys.argv[1:] if argv is None else argv
+    name = next((a for a in args if not a.startswith("-")), None)
+    wanted = [COMMANDS[name]] if name in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in wanted:
+        if module not in _registered:
+            importlib.import_module(module).register(app)
+            _registered.add(module)
+    for info in app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = HwCommand
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            register(argv)
             app(args=argv, prog_name="hw")
     except SystemExit as e:  # Typer's normal exit, usage errors (code 2) included
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

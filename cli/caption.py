@@ -86,7 +86,7 @@ def caption(
     from pycore.caption import pipeline as pl_
     from pycore.caption.store import ResultStore, default_store_dir, job_fingerprint, merge
     from pycore.manifest import read_manifest, read_metadata, write_manifest
-    from pycore.scan import threads_from_env
+    from pycore.checks import resolve_threads as threads_from_env
 
     t0 = time.perf_counter()
     nthreads = threads_from_env(threads)

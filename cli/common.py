@@ -5,14 +5,29 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperCommand, TyperGroup
 
-#: Human output goes to stderr so that --json on stdout stays machine-readable.
-console = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+_console: Console | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``console`` (human output, on stderr so that --json on stdout stays machine-readable) is made
+    on first use: importing rich costs start-up time that `hw --help` and fast commands skip."""
+    if name == "console":
+        global _console
+        if _console is None:
+            from rich.console import Console
+
+            _console = Console(stderr=True, highlight=False)
+        return _console
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 Threads = Annotated[
     int | None,
@@ -23,7 +38,34 @@ Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSO
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
 
 
+class _PlainHelp:
+    """Help as users read it: `SRC` (not Typer's `{SRC}`) in the usage line, and no `<bool>` type
+    next to on/off flags."""
+
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)  # type: ignore[misc]
+        return [x[1:-1] if x.startswith("{") and x.endswith("}") else x for x in pieces]
+
+
+class HwCommand(_PlainHelp, TyperCommand):
+    """The click command class of every `hw` command (cli.app sets it)."""
+
+
+class HwGroup(_PlainHelp, TyperGroup):
+    """The click group class of the `hw` app."""
+
+
 def progress(disable: bool = False) -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = __getattr__("console")
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -79,4 +121,4 @@ def print_json(obj: Any) -> None:
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)
+    __getattr__("console").print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)

@@ -51,7 +51,7 @@ def dedup(
 ) -> None:
     from pycore import dedup as dd
     from pycore.manifest import fs_paths, read_manifest, read_metadata, write_manifest
-    from pycore.scan import threads_from_env
+    from pycore.checks import resolve_threads as threads_from_env
 
     t0 = time.perf_counter()
     for p in (out, review):

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
 def _set_threads(threads: int | None) -> None:
     """Torch intra-op threads: --threads, else $HW_THREADS, else torch's default (0)."""
-    from pycore.scan import threads_from_env
+    from pycore.checks import resolve_threads as threads_from_env
 
     n = threads_from_env(threads)
     if n > 0:

@@ -8,8 +8,14 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+#: Image status names in code order (a ``status_code`` array indexes it); the Rust enum ``Status``.
+STATUSES: list[str]
+#: The statuses bucket assignment sets.
+BUCKET_STATUSES: list[str]
+#: Pillow's DecompressionBombError threshold (2 * Image.MAX_IMAGE_PIXELS).
+MAX_PIXELS: int
 __all__ = [
-    "__version__", "walk_dir", "scan_files", "assign_buckets", "path_keys", "generate_buckets",
+    "__version__", "STATUSES", "BUCKET_STATUSES", "MAX_PIXELS", "walk_dir", "scan_files", "assign_buckets", "path_keys", "generate_buckets",
     "perceptual_hashes", "hash_luma", "decode_luma", "hamming_pairs", "connected_components", "group_max_distances",
 ]
 
@@ -19,9 +25,10 @@ def walk_dir(
     """Walk a folder: (candidate image paths, [(extension, skipped count)], [(folder, problem)])."""
 
 def scan_files(
-    paths: Sequence[str | os.PathLike[str]], hash: bool = True, max_pixels: int = 178956970, threads: int = 0
+    paths: Sequence[str | os.PathLike[str]], hash: bool = True, max_pixels: int | None = None, threads: int = 0
 ) -> dict[str, Any]:
-    """Probe files in parallel; a dict of columns (lists and NumPy arrays), in input order."""
+    """Probe files in parallel; a dict of columns (lists and NumPy arrays; ``status_code`` indexes
+    ``STATUSES``), in input order. ``max_pixels`` None: ``MAX_PIXELS``."""
 
 def assign_buckets(
     table: Sequence[tuple[int, int]],
@@ -36,7 +43,8 @@ def assign_buckets(
     seed: int | None = None,
     threads: int = 0,
 ) -> dict[str, Any]:
-    """Assign buckets (0×0 sizes are skipped, status code 0); a dict of NumPy columns."""
+    """Assign buckets; a dict of NumPy columns (``assigned`` is False for 0×0 sizes, which keep their
+    status; ``status_code`` indexes ``STATUSES``)."""
 
 def path_keys(paths: Sequence[str | os.PathLike[str]]) -> npt.NDArray[np.uint64]:
     """xxh3-64 of each path's bytes (keys for seeded random crops)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
-#: Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` = 1024·1024·1024 // 4 // 3): images
-#: declaring more pixels get status ``too_large`` by default and are never decoded.
-MAX_PIXELS = 178_956_970
+from pycore import _rust
+
+#: Pillow's DecompressionBombError threshold, ``2 * Image.MAX_IMAGE_PIXELS`` = 2 · (1024³ // 4 // 3):
+#: images declaring more pixels get status ``too_large`` by default and are never decoded. Named
+#: once, in Rust (rust_ext/src/limits.rs), and read from there.
+MAX_PIXELS: int = _rust.MAX_PIXELS
 
 #: ``--threads`` above this many per core is capped (I/O-bound scans gain nothing beyond it).
 MAX_THREADS_PER_CORE = 8

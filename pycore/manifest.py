@@ -27,6 +27,7 @@ from typing import Any
 
 import polars as pl
 
+from pycore import _rust
 from pycore.errors import ManifestError
 from pycore.io import atomic_path
 
@@ -83,9 +84,34 @@ COLUMNS: dict[str, pl.DataType] = {
 #: Columns every manifest must have.
 REQUIRED = ("path", "status")
 
+#: Every image status, in code order (a ``status_code`` array from Rust indexes it). The one
+#: vocabulary is the Rust enum ``Status`` (rust_ext/src/status.rs); this is its export.
+STATUSES: tuple[str, ...] = tuple(_rust.STATUSES)
+
 #: Statuses set by bucketing (re-evaluated when a manifest is re-bucketed); all others come from
-#: reading the file and are kept.
-BUCKET_STATUSES = ("too_small", "needs_upscale", "crop_too_large")
+#: reading the file (or from hw dedup) and are kept.
+BUCKET_STATUSES: tuple[str, ...] = tuple(_rust.BUCKET_STATUSES)
+
+#: Statuses whose file has nothing to decode (for commands that open the pixels).
+UNREADABLE_STATUSES: tuple[str, ...] = tuple(s for s in STATUSES if s not in ("ok", *BUCKET_STATUSES, "duplicate_moved"))
+
+
+def status_code(name: str) -> int:
+    """The code of a status name; an unknown name is a :class:`ManifestError` (never a default)."""
+    try:
+        return STATUSES.index(name)
+    except ValueError:
+        raise ManifestError(f"unknown image status {name!r} (known: {', '.join(STATUSES)})") from None
+
+
+def status_names(codes: Any, name: str = "status") -> pl.Series:
+    """A ``status`` column from an array of Rust status codes."""
+    return pl.Series(name, STATUSES, dtype=pl.String).gather(pl.Series(codes).cast(pl.UInt32))
+
+
+def unknown_statuses(frame: pl.DataFrame) -> list[str]:
+    """Status values of ``frame`` that are not in the vocabulary."""
+    return sorted(set(frame["status"].unique().drop_nulls().to_list()) - set(STATUSES))
 
 
 def display_path(p: str) -> str:
@@ -179,8 +205,13 @@ def write_manifest(
     metadata: dict[str, object] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Validate and write atomically; known columns come first in schema order."""
+    """Validate and write atomically; known columns come first in schema order. hw never writes a
+    status outside :data:`STATUSES`."""
     frame = validate(frame)
+    unknown = unknown_statuses(frame)
+    if unknown:
+        raise ManifestError(f"status value(s) {', '.join(map(repr, unknown))} are not image statuses "
+                            f"(known: {', '.join(STATUSES)})")  # fmt: skip
     known = [c for c in COLUMNS if c in frame.columns]
     frame = frame.select(known + [c for c in frame.columns if c not in COLUMNS])
     meta = {"hw.schema_version": SCHEMA_VERSION}

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from pycore import _rust
 
+OK = _rust.STATUSES.index("ok")
+
 sides = st.integers(min_value=1, max_value=20000)
 bucket = st.tuples(st.integers(32, 4096), st.integers(32, 4096))
 tables = st.lists(bucket, min_size=1, max_size=30, unique=True)
@@ -25,7 +27,7 @@ def run(table, sizes, **kw):
 def test_assignment_properties(table, sizes, seed):
     out = run(table, sizes, seed=seed)
     for i, (w, h) in enumerate(sizes):
-        assert out["status_code"][i] == 1
+        assert out["assigned"][i] and out["status_code"][i] == OK
         bw, bh = int(out["bucket_width"][i]), int(out["bucket_height"][i])
         # The chosen bucket minimises the log-ratio distance.
         d = abs(math.log(w / h) - math.log(bw / bh))
@@ -66,4 +68,20 @@ def test_random_crop_is_seeded_and_varies():
 
 def test_unknown_sizes_are_left_alone():
     out = run([(1024, 1024)], [(0, 0), (10, 10)])
-    assert list(out["status_code"]) == [0, 1]
+    assert list(out["assigned"]) == [False, True]
+    assert _rust.STATUSES[out["status_code"][1]] == "ok"
+
+
+def test_statuses_are_one_vocabulary():
+    from pycore import manifest
+
+    assert manifest.STATUSES == tuple(_rust.STATUSES) and manifest.STATUSES[0] == "ok"
+    assert set(manifest.BUCKET_STATUSES) == {"too_small", "needs_upscale", "crop_too_large"}
+    assert manifest.status_code("too_small") == _rust.STATUSES.index("too_small")
+    import pytest
+
+    with pytest.raises(manifest.ManifestError, match="unknown image status 'okay'"):
+        manifest.status_code("okay")
+    from pycore.limits import MAX_PIXELS
+
+    assert MAX_PIXELS == _rust.MAX_PIXELS == 178_956_970

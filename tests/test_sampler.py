@@ -1,4 +1,4 @@
-"""Tests for pycore.sampler.BucketBatchSampler."""
+"""Tests for pycore.curation.sampler.BucketBatchSampler."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pycore import sampler as sampler_module
-from pycore.sampler import BucketBatchSampler
+from pycore.curation import sampler as sampler_module
+from pycore.curation.sampler import BucketBatchSampler
 
 PROPERTY = settings(
     max_examples=40,

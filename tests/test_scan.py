@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, features
 
 from conftest import exif_orientation, image_bytes, png_header
 from pycore.manifest import fs_paths
-from pycore.scan import scan_folder
+from pycore.curation.scan import scan_folder
 
 
 def scan(tmp_path: Path, **kw) -> pl.DataFrame:
@@ -146,7 +146,7 @@ def test_unreadable_file_is_a_row(tmp_path):
     p.write_bytes(image_bytes("JPEG"))
     p.chmod(0)
     code = (
-        "import sys, json; from pycore.scan import scan_folder;"
+        "import sys, json; from pycore.curation.scan import scan_folder;"
         "f = scan_folder(sys.argv[1]).frame; print(json.dumps(f.select('status','error').row(0)))"
     )
     cmd = [sys.executable, "-c", code, str(tmp_path)]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pycore import buckets as bt
+from pycore.curation import tables as bt
 from pycore.errors import TableError
 
 

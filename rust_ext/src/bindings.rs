@@ -3,7 +3,7 @@
 //! the result back. Numeric columns go out as NumPy arrays.
 
 use crate::bucket::{self, AssignOptions, SmallPolicy};
-use crate::error::Error;
+use crate::error::{Error, Status};
 use crate::{pool, scan, walk};
 use numpy::{IntoPyArray, PyReadonlyArray1};
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -52,20 +52,28 @@ fn walk_dir(
     Ok((files, r.skipped.into_iter().collect(), problems))
 }
 
-/// Probe files in parallel; returns a dict of columns (lists and NumPy arrays).
+/// Probe files in parallel; returns a dict of columns (lists and NumPy arrays; `status_code`
+/// indexes `STATUSES`).
 #[pyfunction]
-#[pyo3(signature = (paths, hash=true, max_pixels=178_956_970, threads=0))]
+#[pyo3(signature = (paths, hash=true, max_pixels=None, threads=0))]
 fn scan_files<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
     hash: bool,
-    max_pixels: u64,
+    max_pixels: Option<u64>,
     threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let max_pixels = max_pixels.unwrap_or(crate::limits::MAX_PIXELS);
     let opts = scan::ScanOptions { hash, max_pixels };
     let recs = detached(py, threads, || scan::scan_files(&paths, &opts))?;
     let d = PyDict::new(py);
-    d.set_item("status", recs.iter().map(|r| r.status).collect::<Vec<_>>())?;
+    d.set_item(
+        "status_code",
+        recs.iter()
+            .map(|r| r.status.code())
+            .collect::<Vec<_>>()
+            .into_pyarray(py),
+    )?;
     d.set_item(
         "error",
         recs.iter().map(|r| r.error.clone()).collect::<Vec<_>>(),
@@ -123,10 +131,8 @@ fn scan_files<'py>(
     Ok(d)
 }
 
-/// Status names, indexed by the `status_code` that `assign_buckets` returns.
-const ASSIGN_STATUS: [&str; 5] = ["", "ok", "too_small", "needs_upscale", "crop_too_large"];
-
-/// Assign buckets to sizes (0×0 = unknown, status code 0). Returns a dict of NumPy columns.
+/// Assign buckets to sizes. Returns a dict of NumPy columns: `assigned` is false for a 0×0
+/// (unknown) size, whose row keeps its status; `status_code` indexes `STATUSES`.
 #[pyfunction]
 #[pyo3(signature = (table, widths, heights, keys, small="upscale", step=64, min_side=0, max_crop=None, flag_only=false, seed=None, threads=0))]
 #[allow(clippy::too_many_arguments)]
@@ -171,7 +177,6 @@ fn assign_buckets<'py>(
     let out = detached(py, threads, || {
         bucket::assign_all(&table, &sizes, &keys, &opts)
     })??;
-    let code = |s: &str| ASSIGN_STATUS.iter().position(|x| *x == s).unwrap_or(0) as u8;
     let d = PyDict::new(py);
     macro_rules! col {
         ($name:literal, $f:expr) => {
@@ -181,7 +186,8 @@ fn assign_buckets<'py>(
             )?
         };
     }
-    col!("status_code", |a| code(a.status));
+    col!("assigned", |a| a.status.is_some());
+    col!("status_code", |a| a.status.unwrap_or_default().code());
     col!("flagged", |a| a.flagged);
     col!("bucket_width", |a| a.bucket_width);
     col!("bucket_height", |a| a.bucket_height);
@@ -192,7 +198,6 @@ fn assign_buckets<'py>(
     col!("crop_top", |a| a.crop_top);
     col!("crop_fraction", |a| a.crop_fraction);
     col!("upscaled", |a| a.upscaled);
-    d.set_item("status_names", ASSIGN_STATUS.to_vec())?;
     Ok(d)
 }
 
@@ -386,5 +391,13 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(connected_components, m)?)?;
     m.add_function(wrap_pyfunction!(group_max_distances, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("STATUSES", Status::ALL.map(Status::name).to_vec())?;
+    let bucket_statuses: Vec<&str> = Status::ALL
+        .iter()
+        .filter(|s| s.is_bucket())
+        .map(|s| s.name())
+        .collect();
+    m.add("BUCKET_STATUSES", bucket_statuses)?;
+    m.add("MAX_PIXELS", crate::limits::MAX_PIXELS)?;
     Ok(())
 }

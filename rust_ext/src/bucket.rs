@@ -6,7 +6,7 @@
 //! deterministic. The image is scaled to cover the bucket (scale = max(bw/w, bh/h)) and cropped,
 //! centred or at a seeded random offset.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Status};
 use rayon::prelude::*;
 
 /// A bucket table entry (width, height) in pixels.
@@ -54,8 +54,9 @@ impl Default for AssignOptions {
 /// The outcome for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Assignment {
-    /// "ok" or a rejection kind: too_small, needs_upscale, crop_too_large.
-    pub status: &'static str,
+    /// `Ok` or a rejection (`TooSmall`, `NeedsUpscale`, `CropTooLarge`); `None` when the size
+    /// is unknown and the row keeps the status it has.
+    pub status: Option<Status>,
     /// The crop is over `max_crop` but the image was kept (`flag_only`).
     pub flagged: bool,
     pub bucket_width: u32,
@@ -138,7 +139,7 @@ pub fn cover(w: u32, h: u32, bw: u32, bh: u32, key: u64, seed: Option<u64>) -> A
     };
     let crop_fraction = 1.0 - (f64::from(bw) * f64::from(bh)) / (f64::from(sw) * f64::from(sh));
     Assignment {
-        status: "ok",
+        status: Some(Status::Ok),
         flagged: false,
         bucket_width: bw,
         bucket_height: bh,
@@ -177,18 +178,18 @@ pub fn assign(
     o: &AssignOptions,
 ) -> Assignment {
     let rejected = |status| Assignment {
-        status,
+        status: Some(status),
         ..Default::default()
     };
     if w == 0 || h == 0 || w.min(h) < o.min_side {
-        return rejected("too_small");
+        return rejected(Status::TooSmall);
     }
     let (bw, bh) = table[nearest(table, lrs, w, h)];
     let mut a = cover(w, h, bw, bh, key, o.random_crop_seed);
     if a.upscaled {
         match o.small {
             SmallPolicy::Upscale => {}
-            SmallPolicy::Reject => return rejected("needs_upscale"),
+            SmallPolicy::Reject => return rejected(Status::NeedsUpscale),
             SmallPolicy::Own => {
                 let max_area = table
                     .iter()
@@ -196,7 +197,7 @@ pub fn assign(
                     .fold(0.0, f64::max);
                 match own_bucket(w, h, max_area, o.step) {
                     Some((ow, oh)) => a = cover(w, h, ow, oh, key, o.random_crop_seed),
-                    None => return rejected("too_small"),
+                    None => return rejected(Status::TooSmall),
                 }
             }
         }
@@ -206,7 +207,7 @@ pub fn assign(
             if o.flag_only {
                 a.flagged = true;
             } else {
-                return rejected("crop_too_large");
+                return rejected(Status::CropTooLarge);
             }
         }
     }
@@ -214,7 +215,7 @@ pub fn assign(
 }
 
 /// Assign many images in parallel (current rayon pool). `sizes[i]` of (0, 0) means unknown and
-/// gives an empty assignment with status "" (the caller keeps the row's existing status).
+/// gives an empty assignment with status `None` (the caller keeps the row's existing status).
 pub fn assign_all(
     table: &[Size],
     sizes: &[Size],
@@ -233,10 +234,7 @@ pub fn assign_all(
         .zip(keys.par_iter())
         .map(|(&(w, h), &k)| {
             if w == 0 && h == 0 {
-                Assignment {
-                    status: "",
-                    ..Default::default()
-                }
+                Assignment::default()
             } else {
                 assign(table, &lrs, w, h, k, o)
             }
@@ -324,16 +322,22 @@ mod tests {
             small: SmallPolicy::Reject,
             ..Default::default()
         };
-        assert_eq!(assign(&HW, &l, 300, 200, 0, &o).status, "needs_upscale");
+        assert_eq!(
+            assign(&HW, &l, 300, 200, 0, &o).status,
+            Some(Status::NeedsUpscale)
+        );
         o.small = SmallPolicy::Own;
         let a = assign(&HW, &l, 300, 200, 0, &o);
         assert_eq!(
             (a.status, a.bucket_width, a.bucket_height, a.upscaled),
-            ("ok", 256, 192, false)
+            (Some(Status::Ok), 256, 192, false)
         );
         o.small = SmallPolicy::Upscale;
         o.min_side = 256;
-        assert_eq!(assign(&HW, &l, 300, 200, 0, &o).status, "too_small");
+        assert_eq!(
+            assign(&HW, &l, 300, 200, 0, &o).status,
+            Some(Status::TooSmall)
+        );
     }
 
     #[test]
@@ -343,10 +347,13 @@ mod tests {
             max_crop: Some(0.2),
             ..Default::default()
         };
-        assert_eq!(assign(&HW, &l, 4000, 1000, 0, &o).status, "crop_too_large");
+        assert_eq!(
+            assign(&HW, &l, 4000, 1000, 0, &o).status,
+            Some(Status::CropTooLarge)
+        );
         o.flag_only = true;
         let a = assign(&HW, &l, 4000, 1000, 0, &o);
-        assert!(a.flagged && a.status == "ok");
+        assert!(a.flagged && a.status == Some(Status::Ok));
     }
 
     #[test]

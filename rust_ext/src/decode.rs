@@ -57,8 +57,8 @@ fn cmyk_inverted_to_luma(px: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-/// Pillow refuses images above twice its bomb limit (DecompressionBombError); so do we.
-pub const MAX_PIXELS: u64 = 2 * 178_956_970;
+/// Pillow refuses images above this (DecompressionBombError); so do we.
+pub const MAX_PIXELS: u64 = crate::limits::MAX_PIXELS;
 
 fn check_pixels(n: u64) -> Result<()> {
     if n > MAX_PIXELS {
@@ -309,7 +309,7 @@ pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
 pub fn decode_bytes(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
     if bytes.is_empty() {
         return Err(Error::Io {
-            kind: "empty",
+            kind: crate::error::Status::Empty,
             msg: "file is empty".into(),
         });
     }

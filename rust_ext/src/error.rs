@@ -1,16 +1,17 @@
 //! The one error type of the Rust core.
 //!
-//! Every failure carries a short `kind()` that becomes the manifest's `status` column and a
-//! human message that becomes its `error` column. The bindings convert the same type into a
+//! Every failure carries a [`Status`] (`status()`, name `kind()`) that becomes the manifest's
+//! `status` column and a human message that becomes its `error` column. The bindings convert the same type into a
 //! Python exception (OSError for files, ValueError for bad input) when a whole call fails.
 
+pub use crate::status::Status;
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file-system failure (open, read, stat) on one path.
     #[error("{msg}")]
-    Io { kind: &'static str, msg: String },
+    Io { kind: Status, msg: String },
     /// The bytes are not an image in any format we recognise.
     #[error("{0}")]
     NotImage(String),
@@ -34,17 +35,22 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// The short reason kind stored in the manifest's `status` column.
-    pub fn kind(&self) -> &'static str {
+    /// The status stored in the manifest's `status` column.
+    pub fn status(&self) -> Status {
         match self {
-            Error::Io { kind, .. } => kind,
-            Error::NotImage(_) => "not_image",
-            Error::Truncated(_) => "truncated",
-            Error::Corrupt(_) => "corrupt",
-            Error::Unsupported(_) => "unsupported",
-            Error::TooLarge(_) => "too_large",
-            Error::InvalidInput(_) => "invalid_input",
+            Error::Io { kind, .. } => *kind,
+            Error::NotImage(_) => Status::NotImage,
+            Error::Truncated(_) => Status::Truncated,
+            Error::Corrupt(_) => Status::Corrupt,
+            Error::Unsupported(_) => Status::Unsupported,
+            Error::TooLarge(_) => Status::TooLarge,
+            Error::InvalidInput(_) => Status::InvalidInput,
         }
+    }
+
+    /// The status's name.
+    pub fn kind(&self) -> &'static str {
+        self.status().name()
     }
 
     pub fn truncated(what: &str) -> Error {
@@ -54,14 +60,14 @@ impl Error {
     /// Classify an I/O error met while opening or reading `what`.
     pub fn from_io(err: &io::Error, what: &str) -> Error {
         let kind = match err.kind() {
-            io::ErrorKind::PermissionDenied => "permission_denied",
-            io::ErrorKind::NotFound => "not_found",
+            io::ErrorKind::PermissionDenied => Status::PermissionDenied,
+            io::ErrorKind::NotFound => Status::NotFound,
             io::ErrorKind::UnexpectedEof => {
                 return Error::truncated(what);
             }
-            _ if err.raw_os_error() == Some(40) => "symlink_loop", // ELOOP on Linux
-            _ if err.raw_os_error() == Some(21) => "is_directory", // EISDIR
-            _ => "io_error",
+            _ if err.raw_os_error() == Some(40) => Status::SymlinkLoop, // ELOOP on Linux
+            _ if err.raw_os_error() == Some(21) => Status::IsDirectory, // EISDIR
+            _ => Status::IoError,
         };
         Error::Io {
             kind,

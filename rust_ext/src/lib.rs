@@ -7,10 +7,12 @@ pub mod decode;
 pub mod error;
 pub mod groups;
 pub mod header;
+pub mod limits;
 pub mod mih;
 pub mod phash;
 pub mod pool;
 pub mod scan;
+pub mod status;
 pub mod walk;
 
 #[cfg(feature = "python")]

@@ -3,7 +3,7 @@
 //! One call never fails as a whole because of one file: every problem becomes a
 //! [`ScanRecord`] with a short status kind and a message.
 
-use crate::error::{Error, IoResultExt, Result};
+use crate::error::{Error, IoResultExt, Result, Status};
 use crate::header::{self, Format};
 use rayon::prelude::*;
 use std::fs::{self, File};
@@ -23,10 +23,9 @@ pub struct ScanOptions {
 
 impl Default for ScanOptions {
     fn default() -> Self {
-        // Pillow's DecompressionBombError threshold (2 × MAX_IMAGE_PIXELS).
         ScanOptions {
             hash: true,
-            max_pixels: 178_956_970,
+            max_pixels: crate::limits::MAX_PIXELS,
         }
     }
 }
@@ -34,7 +33,7 @@ impl Default for ScanOptions {
 /// What the scan learned about one file. Sizes are 0 when unknown.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ScanRecord {
-    pub status: &'static str,
+    pub status: Status,
     pub error: Option<String>,
     pub warning: Option<String>,
     pub format: Option<Format>,
@@ -65,9 +64,9 @@ pub fn scan_file(path: &Path, opts: &ScanOptions) -> ScanRecord {
         ..Default::default()
     };
     match scan_into(path, opts, &mut rec) {
-        Ok(()) => rec.status = "ok",
+        Ok(()) => rec.status = Status::Ok,
         Err(e) => {
-            rec.status = e.kind();
+            rec.status = e.status();
             rec.error = Some(e.to_string());
         }
     }
@@ -85,13 +84,13 @@ fn scan_into(path: &Path, opts: &ScanOptions, rec: &mut ScanRecord) -> Result<()
         .unwrap_or(f64::NAN);
     if !meta.is_file() {
         return Err(Error::Io {
-            kind: "not_a_file",
+            kind: Status::NotAFile,
             msg: "not a regular file".into(),
         });
     }
     if rec.file_size == 0 {
         return Err(Error::Io {
-            kind: "empty",
+            kind: Status::Empty,
             msg: "file is empty (0 bytes)".into(),
         });
     }
@@ -135,12 +134,12 @@ fn link_target_metadata(path: &Path) -> Result<fs::Metadata> {
                     .map(|t| t.display().to_string())
                     .unwrap_or_default();
                 Err(Error::Io {
-                    kind: "broken_symlink",
+                    kind: Status::BrokenSymlink,
                     msg: format!("symlink target does not exist: {target}"),
                 })
             } else if is_link && e.raw_os_error() == Some(40) {
                 Err(Error::Io {
-                    kind: "symlink_loop",
+                    kind: Status::SymlinkLoop,
                     msg: format!("symlink loop: {e}"),
                 })
             } else {
@@ -198,23 +197,26 @@ mod tests {
         symlink("loop.png", p("loop.png")).unwrap();
         fs::create_dir(p("dir.png")).unwrap();
         let o = ScanOptions::default();
-        assert_eq!(scan_file(&p("empty.jpg"), &o).status, "empty");
-        assert_eq!(scan_file(&p("text.jpg"), &o).status, "not_image");
+        assert_eq!(scan_file(&p("empty.jpg"), &o).status.name(), "empty");
+        assert_eq!(scan_file(&p("text.jpg"), &o).status.name(), "not_image");
         let huge = scan_file(&p("huge.png"), &o);
-        assert_eq!((huge.status, huge.width), ("too_large", 100_000));
+        assert_eq!((huge.status, huge.width), (Status::TooLarge, 100_000));
         let ok = scan_file(&p("ok.png"), &o);
         assert_eq!(
             (ok.status, ok.width, ok.height, ok.format),
-            ("ok", 30, 20, Some(Format::Png))
+            (Status::Ok, 30, 20, Some(Format::Png))
         );
         assert_eq!(
             ok.content_hash,
             Some(xxhash_rust::xxh3::xxh3_128(&png(30, 20)))
         );
-        assert_eq!(scan_file(&p("broken.png"), &o).status, "broken_symlink");
-        assert_eq!(scan_file(&p("loop.png"), &o).status, "symlink_loop");
-        assert_eq!(scan_file(&p("dir.png"), &o).status, "not_a_file");
-        assert_eq!(scan_file(&p("missing.png"), &o).status, "not_found");
+        assert_eq!(
+            scan_file(&p("broken.png"), &o).status.name(),
+            "broken_symlink"
+        );
+        assert_eq!(scan_file(&p("loop.png"), &o).status.name(), "symlink_loop");
+        assert_eq!(scan_file(&p("dir.png"), &o).status.name(), "not_a_file");
+        assert_eq!(scan_file(&p("missing.png"), &o).status.name(), "not_found");
     }
 
     #[test]

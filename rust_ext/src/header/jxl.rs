@@ -190,8 +190,8 @@ impl<'a> Bits<'a> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::bmff::tests::{bx, ftyp};
-    use crate::header::imp::tests::probe_bytes;
+    use crate::header::bmff::tests::{bx, ftyp};
+    use crate::header::tests::probe_bytes;
 
     /// LSB-first bit writer.
     #[derive(Default)]

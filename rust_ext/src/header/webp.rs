@@ -120,9 +120,9 @@ fn find_exif<R: Read + Seek>(src: &mut Src<'_, R>, mut pos: u64) -> Result<Optio
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::bytes::Endian;
-    use crate::header::imp::tests::probe_bytes;
-    use crate::header::imp::tiff::tests::exif;
+    use crate::header::bytes::Endian;
+    use crate::header::tests::probe_bytes;
+    use crate::header::tiff::tests::exif;
 
     fn chunk(fourcc: &[u8; 4], data: &[u8]) -> Vec<u8> {
         let mut c = fourcc.to_vec();

@@ -216,7 +216,7 @@ pub(super) fn probe<R: Read + Seek>(src: &mut Src<'_, R>) -> Result<HeaderInfo> 
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::tests::probe_bytes;
+    use crate::header::tests::probe_bytes;
 
     /// One classic-TIFF IFD entry with a value stored inline.
     fn entry(order: Endian, tag: u16, ty: u16, value: u32) -> Vec<u8> {

@@ -293,8 +293,8 @@ impl Transform {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::bmff::tests::{bx, ftyp, full};
-    use crate::header::imp::tests::probe_bytes;
+    use crate::header::bmff::tests::{bx, ftyp, full};
+    use crate::header::tests::probe_bytes;
 
     fn ispe(w: u32, h: u32) -> Vec<u8> {
         full(b"ispe", 0, 0, &[w.to_be_bytes(), h.to_be_bytes()].concat())

@@ -17,7 +17,7 @@ pub(super) fn probe(head: &[u8]) -> Result<HeaderInfo> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::tests::probe_bytes;
+    use crate::header::tests::probe_bytes;
 
     pub(crate) fn gif(w: u16, h: u16) -> Vec<u8> {
         let mut g = b"GIF89a".to_vec();

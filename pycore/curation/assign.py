@@ -1,4 +1,4 @@
-"""Assigning aspect-ratio buckets to a manifest, summarising, and exporting for kohya.
+"""Assigning aspect-ratio buckets to a manifest frame and summarising the result.
 
 Assignment runs in Rust (:func:`pycore._rust.assign_buckets`): the nearest bucket by
 log-ratio distance (ties: nearest area, then table order), scale to cover, crop centred or at a
@@ -8,19 +8,16 @@ keep their status and get no bucket; rows rejected by an earlier bucketing are r
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from pycore import _rust
-from pycore.buckets import BucketTable
+from pycore.curation.tables import BucketTable
 from pycore.errors import HwError
-from pycore.io import write_atomic, write_text_atomic
-from pycore.manifest import BUCKET_STATUSES, fs_paths
+from pycore.manifest import BUCKET_STATUSES, fs_paths, status_code, status_names
 
 SMALL_POLICIES = ("upscale", "own", "reject")
 
@@ -85,11 +82,11 @@ def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.D
         )  # fmt: skip
     except ValueError as e:
         raise HwError(str(e)) from None
-    code = out["status_code"]  # 0 = not assigned (keeps its status), 1 = ok, 2.. = rejected
-    code_s = pl.Series("code", code)
-    new_status = pl.Series("status", out["status_names"], dtype=pl.String).gather(code_s)
-    status = pl.select(pl.when(code_s > 0).then(new_status).otherwise(frame["status"]).alias("status")).to_series()
-    ok = code == 1
+    assigned = out["assigned"]  # False: size unknown, the row keeps its status
+    new_status = status_names(out["status_code"])
+    status = pl.select(pl.when(pl.Series(assigned)).then(new_status).otherwise(frame["status"]).alias("status")).to_series()
+    ok = assigned & (out["status_code"] == status_code("ok"))
+    rejected = assigned & ~ok
     cols = [status]
     for name in BUCKET_COLUMNS[:-1]:
         series = pl.Series(name, out[name])
@@ -102,7 +99,7 @@ def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.D
         *[pl.when(okm).then(pl.col(c).cast(pl.Int32)).alias(c) for c in int_cols],
         *[pl.when(okm).then(pl.col(c)).alias(c) for c in ("scale", "crop_fraction", "upscaled", "crop_flagged")],
         # A bucketing rejection explains itself in `error`; an ok row has none from bucketing.
-        pl.when(pl.Series(code > 1))
+        pl.when(pl.Series(rejected))
         .then(pl.lit("rejected by bucketing: ") + pl.col("status"))
         .when(pl.Series(ok))
         .then(pl.lit(None, dtype=pl.String))
@@ -176,99 +173,3 @@ def report(
         problems=list(problems or []),
         off_grid=[f"{w}x{h}" for w, h in (off_grid or [])],
     )
-
-
-def export_kohya(frame: pl.DataFrame, path: str | Path, *, overwrite: bool = False) -> int:
-    """Write kohya sd-scripts' metadata JSON: {image_key: {image_size, train_resolution}}.
-
-    Keys are full paths (use kohya's ``--full_path``). ``image_size`` is the displayed size
-    after EXIF orientation. Returns the number of images written (status "ok" only).
-    """
-    ok = frame.filter(pl.col("status") == "ok")
-    meta = {
-        p: {"image_size": [w, h], "train_resolution": [bw, bh]}
-        for p, w, h, bw, bh in zip(
-            fs_paths(ok), ok["width"], ok["height"], ok["bucket_width"], ok["bucket_height"], strict=True
-        )
-    }
-    text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
-    write_atomic(path, lambda p: p.write_bytes(text.encode("utf-8", errors="surrogateescape")), overwrite=overwrite)
-    return len(meta)
-
-
-def plot(rep: BucketReport, path: str | Path, *, overwrite: bool = False) -> None:
-    """A bar chart of images per bucket (sorted by aspect ratio) as PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise HwError("--plot needs matplotlib: pip install 'hw[plot]'") from None
-    rows = sorted(rep.buckets, key=lambda b: b["aspect"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4), dpi=120)
-    labels = [f"{b['width']}×{b['height']}" for b in rows]
-    bars = ax.bar(range(len(rows)), [b["count"] for b in rows], color="#4c72b0")
-    for bar, b in zip(bars, rows, strict=True):
-        if b["count"]:
-            ax.annotate(f"{b['share']:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)  # fmt: skip
-    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("images")
-    rej = sum(rep.rejected.values())
-    ax.set_title(f"{rep.ok} images in {sum(1 for b in rows if b['count'])} buckets ({rep.table}); {rej} not bucketed")
-    fig.tight_layout()
-    write_atomic(path, lambda p: fig.savefig(p, format="png"), overwrite=overwrite)
-    plt.close(fig)
-
-
-def write_report_json(rep: BucketReport, path: str | Path) -> None:
-    write_text_atomic(path, json.dumps(rep.to_dict(), indent=2))
-
-
-@dataclass
-class BucketRun:
-    """The result of :func:`bucket_source`."""
-
-    frame: pl.DataFrame
-    report: BucketReport
-    root: str | None
-    rescanned: bool
-
-
-def bucket_source(
-    src: str | Path,
-    table: BucketTable,
-    opts: BucketOptions,
-    *,
-    hash: bool = True,
-    max_pixels: int | None = None,
-    progress=None,
-    on_listed=None,
-) -> BucketRun:
-    """Scan a folder (or read an existing manifest) and assign buckets.
-
-    ``progress(n)`` is called as files are probed; ``on_listed(total)`` once the walk is done.
-    """
-    from pycore.buckets import off_grid
-    from pycore.manifest import read_manifest, read_metadata
-    from pycore.scan import DEFAULT_MAX_PIXELS, scan_folder
-
-    src = Path(src)
-    if src.is_file() and src.suffix.lower() == ".parquet":
-        frame = read_manifest(src, required=("path", "status", "width", "height"))
-        root = read_metadata(src).get("root")
-        skipped: dict[str, int] = {}
-        problems: list[tuple[str, str]] = []
-        rescanned = False
-    else:
-        if src.is_file():
-            raise HwError(f"{src} is a file but not a manifest (.parquet); give a folder of images or a manifest")
-        res = scan_folder(
-            str(src), hash=hash, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-            threads=opts.threads, progress=progress, on_listed=on_listed,
-        )  # fmt: skip
-        frame, root, skipped, problems, rescanned = res.frame, res.root, res.skipped, res.problems, True
-    frame = assign(frame, table, opts)
-    rep = report(frame, table, skipped=skipped, problems=problems, off_grid=off_grid(table))
-    return BucketRun(frame, rep, root, rescanned)

@@ -11,7 +11,8 @@ import polars as pl
 
 from pycore import _rust
 from pycore.errors import HwError
-from pycore.manifest import display_path, path_columns
+from pycore.limits import MAX_PIXELS
+from pycore.manifest import display_path, path_columns, status_names
 
 #: File extensions treated as images (case-insensitive). The format itself is always read from
 #: the file's bytes; the extension only decides which files are looked at.
@@ -20,8 +21,8 @@ IMAGE_EXTENSIONS = (
     "tif", "tiff", "avif", "heic", "heif", "jxl",
 )  # fmt: skip
 
-#: Pillow's DecompressionBombError threshold: larger declared sizes get status "too_large".
-DEFAULT_MAX_PIXELS = 178_956_970
+#: Larger declared sizes get status "too_large" (see pycore.limits.MAX_PIXELS).
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 @dataclass
@@ -32,24 +33,6 @@ class ScanResult:
     skipped: dict[str, int] = field(default_factory=dict)
     #: Folders that could not be read or were reached twice (link loops), with the reason.
     problems: list[tuple[str, str]] = field(default_factory=list)
-
-
-def threads_from_env(threads: int | None) -> int:
-    """The worker count: the option, else $HW_THREADS, else 0 (one per core)."""
-    if threads is not None:
-        if threads < 0:
-            raise HwError("--threads must be 0 (all cores) or more")
-        return threads
-    env = os.environ.get("HW_THREADS", "")
-    if not env:
-        return 0
-    try:
-        n = int(env)
-    except ValueError:
-        raise HwError(f"HW_THREADS={env!r} is not a whole number") from None
-    if n < 0:
-        raise HwError("HW_THREADS must be 0 (all cores) or more")
-    return n
 
 
 def list_images(root: str, threads: int = 0) -> tuple[list[str], dict[str, int], list[tuple[str, str]]]:
@@ -89,7 +72,7 @@ def scan_paths(
         vals = parts[name]
         return np.concatenate(vals) if isinstance(vals[0], np.ndarray) else [x for v in vals for x in v]
 
-    status = pl.Series("status", cat("status"), dtype=pl.String)
+    status = status_names(cat("status_code"))
     has_size = pl.Series(cat("width")) > 0
     frame = pl.DataFrame(
         [

@@ -15,9 +15,8 @@
 //! Anything else (MP4, QuickTime, CR3...) is not an image we read.
 
 use super::src::Src;
-use super::{heif, jxl, Format, MAX_ITEMS};
+use super::{Format, MAX_ITEMS};
 use crate::error::{Error, Result};
-use crate::header::HeaderInfo;
 use std::io::{Read, Seek};
 
 pub(super) const WHAT: &str = "ISO-BMFF header";
@@ -154,8 +153,9 @@ pub(super) fn classify_ftyp(body: &[u8]) -> Option<Format> {
     }
 }
 
-/// Probe a file starting with an `ftyp` box.
-pub(super) fn probe<R: Read + Seek>(src: &mut Src<'_, R>) -> Result<HeaderInfo> {
+/// Read the `ftyp` box that starts the file and classify its brands; the reader is left after
+/// it, at the first box the format's parser walks.
+pub(super) fn read_ftyp<R: Read + Seek>(src: &mut Src<'_, R>) -> Result<Format> {
     let ftyp = read_box_header(src, WHAT)?;
     if &ftyp.ty != b"ftyp" {
         return Err(Error::NotImage("unrecognised file signature".into()));
@@ -167,10 +167,7 @@ pub(super) fn probe<R: Read + Seek>(src: &mut Src<'_, R>) -> Result<HeaderInfo> 
     let format = classify_ftyp(&body)
         .ok_or_else(|| Error::NotImage("ISO-BMFF file of a non-image brand".into()))?;
     src.seek_to(ftyp.end, WHAT)?;
-    match format {
-        Format::Jxl => jxl::probe_boxes(src),
-        f => heif::probe(src, f),
-    }
+    Ok(format)
 }
 
 #[cfg(test)]
@@ -247,7 +244,7 @@ pub(super) mod tests {
     fn non_image_ftyp() {
         let mut mp4 = ftyp(b"isom", &[b"isom", b"mp41"]);
         mp4.extend(bx(b"mdat", &[0; 32]));
-        let r = crate::header::imp::tests::probe_bytes(&mp4);
+        let r = crate::header::tests::probe_bytes(&mp4);
         assert!(matches!(r, Err(Error::NotImage(_))), "{r:?}");
     }
 }

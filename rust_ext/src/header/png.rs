@@ -76,9 +76,9 @@ fn find_exif<R: Read + Seek>(src: &mut Src<'_, R>) -> Result<Option<u16>> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::bytes::Endian;
-    use crate::header::imp::tests::{probe_bytes, CountingReader};
-    use crate::header::imp::tiff::tests::exif;
+    use crate::header::bytes::Endian;
+    use crate::header::tests::{probe_bytes, CountingReader};
+    use crate::header::tiff::tests::exif;
 
     /// A chunk with a dummy CRC (we never check CRCs).
     fn chunk(ty: &[u8; 4], data: &[u8]) -> Vec<u8> {

@@ -53,7 +53,7 @@ pub(super) fn probe(head: &[u8]) -> Result<HeaderInfo> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::tests::probe_bytes;
+    use crate::header::tests::probe_bytes;
 
     pub(crate) fn bmp_info(w: i32, h: i32) -> Vec<u8> {
         let mut b = b"BM".to_vec();

@@ -166,9 +166,9 @@ fn read_app1<R: Read + Seek>(src: &mut Src<'_, R>, body: u64, scan: &mut Scan) -
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::header::imp::bytes::Endian;
-    use crate::header::imp::tests::{probe_bytes, CountingReader};
-    use crate::header::imp::tiff::tests::exif;
+    use crate::header::bytes::Endian;
+    use crate::header::tests::{probe_bytes, CountingReader};
+    use crate::header::tiff::tests::exif;
 
     fn segment(marker: u8, body: &[u8]) -> Vec<u8> {
         let mut s = vec![0xFF, marker];
