@@ -4,7 +4,7 @@
 
 Models (random weights, seeded, built from configs in code; nothing is downloaded):
 
-* UNet: the real SDXL UNet architecture (pycore.sdxl_arch.UNET: 3 levels, DownBlock2D then two
+* UNet: the real SDXL UNet architecture (tests.kit.sdxl_arch.UNET: 3 levels, DownBlock2D then two
   cross-attention levels, text_time conditioning, 64-wide attention heads) with the channels cut
   to 64/128/256 (SDXL: 320/640/1280), the transformer depth to 1/2/2 (SDXL: 1/2/10), the
   cross-attention width to 256 and the pooled/time embeddings to 160/32 (SDXL: 2048, 1280, 256);
@@ -85,7 +85,7 @@ TE2 = dict(hidden_size=160, intermediate_size=640, num_hidden_layers=2, num_atte
 
 
 def unet_config(latent: int) -> dict[str, Any]:
-    from pycore.sdxl_arch import UNET
+    from tests.kit.sdxl_arch import UNET
 
     return dict(UNET, sample_size=latent, block_out_channels=[64, 128, 256], transformer_layers_per_block=[1, 2, 2],
                 attention_head_dim=[1, 2, 4], cross_attention_dim=TE1["hidden_size"] + TE2["hidden_size"], addition_time_embed_dim=32,
@@ -93,7 +93,7 @@ def unet_config(latent: int) -> dict[str, Any]:
 
 
 def vae_config(latent: int) -> dict[str, Any]:
-    from pycore.sdxl_arch import VAE
+    from tests.kit.sdxl_arch import VAE
 
     return dict(VAE, block_out_channels=[16, 32, 64, 64], norm_num_groups=16, sample_size=8 * latent, scaling_factor=0.13025)
 
@@ -126,7 +126,9 @@ def build(tmp: str, latent: int, *, unet: bool = True, vae_dtype: str = "float32
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from pycore.spo.preference import StepAwarePreferenceModel, parse_dtype, tiny_clip_config, write_tiny_clip_tokenizer
+    from pycore.spo.preference import StepAwarePreferenceModel, parse_dtype
+    from tests.kit.clip import tiny_clip_config
+    from tests.kit.tokenizer import write_tiny_clip_tokenizer
 
     tok = write_tiny_clip_tokenizer(Path(tmp) / "tok")
     ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -460,8 +462,9 @@ def reduced_flops(latent: int, steps: int) -> dict[str, Any]:
     from transformers import CLIPModel
 
     import spo_memory_budget as budget
-    from pycore.spo.preference import StepAwarePreferenceModel, TimeConditionedCLIP, tiny_clip_config
+    from pycore.spo.preference import StepAwarePreferenceModel, TimeConditionedCLIP
     from pycore.spo.train_step import add_spo_lora
+    from tests.kit.clip import tiny_clip_config
 
     cfg = bench_config(latent, num_inference_steps=steps)
     with torch.device("meta"):

@@ -6,7 +6,7 @@ Nothing is downloaded and no real memory is used: every model is built from its 
 configuration on PyTorch's ``meta`` device (shapes and dtypes, no data), so
 
 * **weights** are exact parameter counts × bytes per parameter: the SDXL UNet, CLIP ViT-L/14 and
-  OpenCLIP bigG/14 text encoders (pycore.sdxl_arch), the SDXL VAE, the step-aware preference model
+  OpenCLIP bigG/14 text encoders (tests.kit.sdxl_arch), the SDXL VAE, the step-aware preference model
   (PickScore_v1 = CLIP ViT-H/14, vision + text towers, plus the t_embedder and the adaLN layers of
   pycore.spo.preference), and the rank-64 LoRA that pycore.spo.train_step.add_spo_lora adds with
   peft (to_q, to_k, to_v, to_out.0);
@@ -81,12 +81,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-from pycore.sdxl_arch import CLIP_G, CLIP_L, UNET, VAE  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
+from tests.kit.sdxl_arch import CLIP_G, CLIP_L, UNET, VAE  # noqa: E402
 
 GiB = 2**30
 META = torch.device("meta")
-#: The real SDXL VAE config.json also has these (pycore.sdxl_arch.VAE leaves them at diffusers' defaults);
+#: The real SDXL VAE config.json also has these (tests.kit.sdxl_arch.VAE leaves them at diffusers' defaults);
 #: sample_size sets the tile size of enable_tiling().
 VAE_EXTRA = dict(sample_size=1024, scaling_factor=0.13025)
 #: PickScore_v1 = laion/CLIP-ViT-H-14-laion2B-s32B-b79K's architecture (transformers CLIPConfig).

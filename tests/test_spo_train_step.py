@@ -16,7 +16,7 @@ from pycore.spo.conditioning import PromptEncoder  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
 from pycore.spo.ddim import NoiseSchedule  # noqa: E402
 from pycore.spo.sampler import spo_rollout  # noqa: E402
-from pycore.spo.tiny import build_tiny_models  # noqa: E402
+from tests.kit.diffusion import build_tiny_models  # noqa: E402
 from pycore.spo.train_step import (  # noqa: E402
     NonFiniteError,
     adapters_disabled,

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pycore.bpe import bytes_to_unicode
 from pycore.errors import HwError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -256,54 +255,6 @@ class TimeConditionedCLIP(nn.Module):
         return self.text_projection(out.pooler_output)
 
 
-# -------------------------------------------------------------------------------------------- configs
-
-
-def tiny_clip_config(vocab_size: int = 600, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
-                     hidden: int = 32, layers: int = 2, image_size: int = 224, patch_size: int = 32):  # fmt: skip
-    """A CLIPConfig small enough for CPU tests (same layout as ViT-H/14, a few hundred k params)."""
-    from transformers import CLIPConfig
-
-    text: dict[str, Any] = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                num_attention_heads=2, vocab_size=vocab_size, max_position_embeddings=77,
-                                hidden_act="gelu")  # fmt: skip
-    if bos_token_id is not None:
-        text.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
-    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch_size, hidden_act="gelu")  # fmt: skip
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden // 2)
-
-
-def write_tiny_clip_tokenizer(folder: str | os.PathLike[str]):
-    """Write a character-level CLIP BPE tokenizer (vocab.json, merges.txt) to ``folder``; return it.
-
-    Every byte maps to a token (and its end-of-word variant), so any text tokenizes; the special
-    tokens come last. For tests and the demo, where no real tokenizer can be downloaded.
-    """
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for ch in chars:
-        vocab[ch] = len(vocab)
-    for ch in chars:
-        vocab[ch + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-    tok.save_pretrained(folder)
-    return tok
-
-
-def tiny_spm_config(tokenizer) -> Any:
-    """A tiny CLIPConfig whose special-token ids match ``tokenizer`` (see write_tiny_clip_tokenizer)."""
-    return tiny_clip_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-
-
 # -------------------------------------------------------------------------------------------- the model
 
 
@@ -342,7 +293,7 @@ class StepAwarePreferenceModel(nn.Module):
 
     @classmethod
     def from_config(cls, clip_config, tokenizer, *, seed: int | None = 0) -> StepAwarePreferenceModel:
-        """A randomly initialised CLIP (e.g. :func:`tiny_spm_config`) at identity time conditioning."""
+        """A randomly initialised CLIP from ``clip_config`` at identity time conditioning."""
         from transformers import CLIPModel
 
         if seed is not None:
