@@ -11,7 +11,7 @@ Models (random weights, seeded, built from configs in code; nothing is downloade
 * text encoders: two CLIP text towers shaped like CLIP-L and bigG (hidden 96 and 160 = 256 for
   the UNet, 2 layers each, bigG's projection 160) with the character-level tiny tokenizer;
 * VAE: SDXL's 4-level AutoencoderKL with channels 16/32/64/64 (SDXL: 128/256/512/512);
-* SPM: the time-conditioned CLIP of pycore.spo.preference (ViT, patch 14 at 224², hidden 128,
+* SPM: the time-conditioned CLIP of pycore.spm.model (ViT, patch 14 at 224², hidden 128,
   4 layers; PickScore: hidden 1280, 32 layers);
 * latents 4 × 32 × 32 (256² images); ``--quick`` uses 4 × 16 × 16, 10 sampling steps and one timed
   step per variant (a smoke test, under 2 minutes).
@@ -126,7 +126,8 @@ def build(tmp: str, latent: int, *, unet: bool = True, vae_dtype: str = "float32
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from pycore.spo.preference import StepAwarePreferenceModel, parse_dtype
+    from pycore.checks import parse_dtype
+    from pycore.spm.model import StepAwarePreferenceModel
     from tests.kit.clip import tiny_clip_config
     from tests.kit.tokenizer import write_tiny_clip_tokenizer
 
@@ -153,7 +154,7 @@ def bench_config(latent: int, **over: Any):
 
 
 def encoder_for(m: dict[str, Any], cfg) -> Any:
-    from pycore.spo.conditioning import PromptEncoder
+    from pycore.diffusion.text import PromptEncoder
 
     return PromptEncoder(m["tokenizer"], m["text_encoder"], m["tokenizer"], m["text_encoder_2"], resolution=cfg.resolution,
                          force_zeros_for_empty_prompt=True)  # fmt: skip
@@ -163,7 +164,7 @@ def official_loss(unet: Any, ref: Any, batch: Any, cond: Any, cfg: Any):
     """Variant (b): pycore's loss with the reference log-probabilities from a separate frozen UNet copy (the official code's way)."""
     import torch
 
-    from pycore.spo.ddim import NoiseSchedule
+    from pycore.diffusion.schedule import NoiseSchedule
     from pycore.spo.losses import spo_dpo_loss
     from pycore.spo.train_step import transition_logprob
 
@@ -183,8 +184,8 @@ def fixed_batch(unet: Any, cond: Any, cfg: Any, latent: int):
     """train_batch_size transitions at segment timesteps: x_t random, x_next one stochastic DDIM step of the base model."""
     import torch
 
-    from pycore.spo.conditioning import cfg_eps
-    from pycore.spo.ddim import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
+    from pycore.diffusion.text import cfg_eps
+    from pycore.diffusion.schedule import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
     from pycore.spo.sampler import Transitions
 
     n = cfg.train_batch_size
@@ -208,7 +209,7 @@ def setup_training(p: dict[str, Any], with_copy: bool) -> dict[str, Any]:
 
     import torch
 
-    from pycore.spo.ddim import NoiseSchedule
+    from pycore.diffusion.schedule import NoiseSchedule
     from pycore.spo.train_step import adapters_disabled, add_spo_lora, make_optimizer, transition_logprob
 
     st: dict[str, Any] = {"rss_start": rss_now()}
@@ -462,7 +463,7 @@ def reduced_flops(latent: int, steps: int) -> dict[str, Any]:
     from transformers import CLIPModel
 
     import spo_memory_budget as budget
-    from pycore.spo.preference import StepAwarePreferenceModel, TimeConditionedCLIP
+    from pycore.spm.model import StepAwarePreferenceModel, TimeConditionedCLIP
     from pycore.spo.train_step import add_spo_lora
     from tests.kit.clip import tiny_clip_config
 

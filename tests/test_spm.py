@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from pycore.spo.preference import (  # noqa: E402
+from pycore.spm.model import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     SPMLoadError,
@@ -268,5 +268,7 @@ def test_score_latents_decodes_and_keeps_no_graph(tok):
 
 
 def test_unknown_local_path_is_a_clear_error(tmp_path):
-    with pytest.raises(SPMLoadError, match="not an hw SPM folder"):
+    from pycore.errors import HwError
+
+    with pytest.raises(HwError, match="no such file or folder"):
         StepAwarePreferenceModel.from_pretrained(tmp_path / "nope.bin")

@@ -16,9 +16,10 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pycore.spo.preference import StepAwarePreferenceModel  # noqa: E402
-from pycore.spo.spm_data import PairDataset, PairsError, collate_pairs, read_pairs  # noqa: E402
-from pycore.spo.spm_train import margin_labels, pair_correct, pair_loss, pred_original_sample  # noqa: E402
+from pycore.diffusion.schedule import pred_original_sample  # noqa: E402
+from pycore.spm.data import PairDataset, PairsError, collate_pairs, read_pairs  # noqa: E402
+from pycore.spm.losses import margin_labels, pair_correct, pair_loss  # noqa: E402
+from pycore.spm.model import StepAwarePreferenceModel  # noqa: E402
 from tests.kit.clip import save_tiny_clip  # noqa: E402
 from tests.kit.diffusion import save_tiny_sd15_denoiser  # noqa: E402
 
@@ -226,7 +227,7 @@ def test_spm_train_bad_pairs_file_fails_before_training(hw, tmp_path, tiny_sd, t
     r = hw(*_train_args(tmp_path / "bad_labels.parquet", tmp_path / "o", tiny_sd, tiny_clip, "--max-steps", 1))
     assert r.code == 1 and "no usable pairs" in r.err and "label out of range: 4" in r.err
     r = hw(*_train_args(tmp_path / "pairs.parquet", tmp_path / "o", tiny_sd, tiny_clip, "--max-steps", 1, "--mixed-precision", "fp8"))
-    assert r.code == 1 and "mixed precision" in r.err
+    assert r.code == 1 and "--mixed-precision" in r.err
 
 
 # ------------------------------------------------------------------------------------------- scoring

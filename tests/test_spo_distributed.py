@@ -37,7 +37,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     os.environ["HF_HUB_OFFLINE"] = "1"
     from pathlib import Path
     from accelerate import Accelerator
-    from pycore.spo.conditioning import PromptEncoder
+    from pycore.diffusion.text import PromptEncoder
     from pycore.spo.config import from_preset
     from tests.kit.diffusion import build_tiny_models
     from pycore.spo.trainer import run_spo

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pycore.spo.conditioning import PromptEncoder  # noqa: E402
+from pycore.diffusion.text import PromptEncoder  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
 from pycore.spo.sampler import sample_latents, spo_rollout  # noqa: E402
 from tests.kit.diffusion import build_tiny_models  # noqa: E402

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pycore.errors import HwError  # noqa: E402
-from pycore.spo.models import detect_family, load_base  # noqa: E402
+from pycore.diffusion.load import detect_family, load_base  # noqa: E402
 from pycore.spo.prompts import load_prompts  # noqa: E402
 from tests.kit.diffusion import save_tiny_pipeline  # noqa: E402
 

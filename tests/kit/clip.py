@@ -31,7 +31,7 @@ def tiny_spm_config(tokenizer, **kw: Any) -> Any:
 
 def tiny_spm(tokenizer, *, seed: int = 0, **config: Any):
     """A tiny random step-aware preference model at identity time conditioning (in memory)."""
-    from pycore.spo.preference import StepAwarePreferenceModel
+    from pycore.spm.model import StepAwarePreferenceModel
 
     return StepAwarePreferenceModel.from_config(tiny_spm_config(tokenizer, **config), tokenizer, seed=seed)
 
