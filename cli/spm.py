@@ -38,7 +38,7 @@ checkpoints/ (resume with --resume). Multi-GPU: `accelerate launch -m cli.app sp
 Example: hw spm-train pairs.csv --base-model stabilityai/stable-diffusion-xl-base-1.0 --out runs/my_spm --max-steps 2000
 """
 
-INPUT, MODEL, RUN, OUTPUT = "Input", "Model", "Run", "Output"
+IO, MODEL, RUN, OUTPUT = "Input and output", "Model", "Run", "Output"
 DATA, BASE, OPTIM, EVAL = "Data", "Base model and noising", "Optimisation", "Evaluation and checkpoints"
 
 
@@ -49,9 +49,9 @@ def register(app: typer.Typer) -> None:
 
 def spm_score(
     manifest: Annotated[Path, typer.Argument(help="Manifest .parquet (from hw bucket or any later command).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output manifest (.parquet), written atomically.", show_default=False, rich_help_panel=OUTPUT)],
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Text column holding each image's prompt/caption.", rich_help_panel=INPUT)] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="One prompt for every image (instead of --prompt-column).", rich_help_panel=INPUT)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output manifest (.parquet), written atomically.", show_default=False, rich_help_panel=IO)],
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Text column holding each image's prompt/caption.", rich_help_panel=IO)] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="One prompt for every image (instead of --prompt-column).", rich_help_panel=IO)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="spo-sdxl, spo-sd15, a .bin/.safetensors checkpoint, an hw spm-train folder, or a CLIP/PickScore model.", rich_help_panel=MODEL)] = "yuvalkirstain/PickScore_v1",
     base: Annotated[str | None, typer.Option("--base", help="CLIP config a released .bin was trained from (default yuvalkirstain/PickScore_v1).", rich_help_panel=MODEL)] = None,
     processor: Annotated[str | None, typer.Option("--processor", help="Tokenizer source (default: the model's own, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K).", rich_help_panel=MODEL)] = None,
@@ -59,9 +59,9 @@ def spm_score(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16 (half precision needs a GPU to be fast).", rich_help_panel=RUN)] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.", rich_help_panel=RUN)] = 16,
-    column: Annotated[str, typer.Option("--column", help="Name of the score column to add.", rich_help_panel=OUTPUT)] = "spm_score",
-    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout.", rich_help_panel=OUTPUT)] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output file and existing score columns.", rich_help_panel=OUTPUT)] = False,
+    column: Annotated[str, typer.Option("--column", help="Name of the score column to add.", rich_help_panel=IO)] = "spm_score",
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout.", rich_help_panel=IO)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output file and existing score columns.", rich_help_panel=IO)] = False,
 ) -> None:
     from pycore.spm.score import ScoreRequest, score_manifest
 

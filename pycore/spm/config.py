@@ -6,14 +6,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycore.checks import check_float, check_int, check_output
+from pycore.checks import check_float, check_int, check_output, dtype_name
 from pycore.errors import HwError
 from pycore.limits import MAX_RESOLUTION, cpu_count
 from pycore.spm.model import DEFAULT_BASE, EVAL_TIMESTEPS
 
 MODEL_TYPES = ("auto", "sd15", "sdxl")
 MIXED = ("no", "fp16", "bf16")
-BASE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 #: Upper bounds of counts (beyond them a run cannot finish or memory, not quality, grows).
 MAX_STEPS = 10_000_000
 MAX_BATCH = 4096
@@ -62,7 +61,9 @@ class SPMTrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("model-type", MODEL_TYPES), ("mixed-precision", MIXED), ("base-dtype", BASE_DTYPES)):
+        if self.base_dtype != "auto":
+            self.base_dtype = dtype_name(self.base_dtype, "--base-dtype")
+        for name, allowed in (("model-type", MODEL_TYPES), ("mixed-precision", MIXED)):
             value = getattr(self, name.replace("-", "_"))
             if value not in allowed:
                 raise HwError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
