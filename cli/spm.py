@@ -146,8 +146,7 @@ def spm_train(
             console.print(msg, soft_wrap=True)
 
     with BarProgress(disable=json_out) as bar:
-        bar.stage("training", cfg.max_steps, "step")
-        report = train(cfg, log=log, on_step=lambda step, total: bar.advance(1))
+        report = train(cfg, log=log, progress=bar)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under accelerate launch / torchrun: one process reports

@@ -18,7 +18,6 @@ from PIL import Image  # noqa: E402
 from pycore.errors import HwError, NothingDone  # noqa: E402
 from pycore.manifest import Manifest, new_manifest, read_metadata  # noqa: E402
 from pycore.spm.score import ScoreRequest, ScoreResult, score_manifest  # noqa: E402
-from tests.kit.clip import save_tiny_spm  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +29,9 @@ def _offline_one_thread(monkeypatch):
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def spm_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spm")
-    save_tiny_spm(d, seed=3)
-    return d
+@pytest.fixture
+def spm_dir(kit_spm):
+    return kit_spm
 
 
 def _png(seed: int) -> bytes:

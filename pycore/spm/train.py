@@ -17,6 +17,7 @@ at fixed timesteps and written to ``report.json``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,9 +29,11 @@ import torch
 
 from pycore.errors import HwError, NothingDone
 from pycore.io import latest_checkpoint, write_text_atomic
+from pycore.progress import NO_PROGRESS, Progress
 from pycore.spm.config import SPMTrainConfig
 from pycore.spm.losses import margin_labels, pair_correct, pair_loss
 
+_LOG = logging.getLogger("hw.spm")
 CHECKPOINT_PATTERN = r"step-(\d+)"
 CHECKPOINT_MARKER = "trainer_state.json"
 
@@ -58,8 +61,7 @@ def check_run_folder(cfg: SPMTrainConfig) -> Path | None:
 class SPMTrainer:
     """One training run: data, frozen base model and noiser, the SPM, optimizer, evaluation and checkpoints."""
 
-    def __init__(self, cfg: SPMTrainConfig, *, log: Callable[[str], None] = print,
-                 on_step: Callable[[int, int], None] | None = None):  # fmt: skip
+    def __init__(self, cfg: SPMTrainConfig, *, log: Callable[[str], None] | None = None, progress: Progress = NO_PROGRESS):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -75,8 +77,8 @@ class SPMTrainer:
                                cpu=cfg.cpu or multi_cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))  # fmt: skip
         set_seed(cfg.seed)
         self.is_main = self.acc.is_main_process
-        self.say = log if self.is_main else _quiet
-        self.on_step = on_step
+        self.say = (log or _LOG.info) if self.is_main else _quiet
+        self.progress = progress
         if cfg.overwrite and self.is_main and self.ckpt_dir.exists():
             shutil.rmtree(self.ckpt_dir)
         self.acc.wait_for_everyone()
@@ -258,8 +260,7 @@ class SPMTrainer:
     def after_step(self, running: float, n_running: int) -> bool:
         """Bookkeeping after an optimizer step: log, evaluate, checkpoint. True when the running loss was logged."""
         cfg, step = self.cfg, self.state["step"]
-        if self.on_step is not None:
-            self.on_step(step, cfg.max_steps)
+        self.progress.advance(1)
         logged = step % cfg.log_every == 0 or step == cfg.max_steps
         if logged:
             avg, lr = running / max(n_running, 1), self.sched.get_last_lr()[0]
@@ -325,6 +326,7 @@ class SPMTrainer:
     def fit(self) -> dict[str, Any]:
         """Train to max_steps (from the resumed step), then finish."""
         running, n_running, done = 0.0, 0, self.state["step"] >= self.cfg.max_steps
+        self.progress.stage("training", self.cfg.max_steps - self.state["step"], "step")
         while not done:
             fresh_epoch, step_before = self.state["batch_in_epoch"] == 0, self.state["step"]
             running, n_running, done = self.run_epoch(running, n_running)
@@ -333,6 +335,9 @@ class SPMTrainer:
         return self.finish()
 
 
-def train(cfg: SPMTrainConfig, *, log: Callable[[str], None] = print, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Train; return the report (also written to ``<out>/report.json``)."""
-    return SPMTrainer(cfg, log=log, on_step=on_step).fit()
+def train(cfg: SPMTrainConfig, *, log: Callable[[str], None] | None = None, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
+    """Train; return the report (also written to ``<out>/report.json``).
+
+    ``log`` receives the run's messages (default: the ``hw.spm`` logger); ``progress`` one step per optimizer step.
+    """
+    return SPMTrainer(cfg, log=log, progress=progress).fit()
