@@ -3,7 +3,7 @@
     python bench/bench_caption.py [--n 1000] [--latency 0.075] [--fault-rate 0.05] [--concurrency 1,8,32]
 
 Makes a corpus of N photo-like 1024×768 JPEGs (bench/out/caption_corpus, reused), a manifest with
-`hw bucket`, and starts tests/fake_openai.py as its own process: every request sleeps
+`hw bucket`, and starts tests/kit/fake_openai.py as its own process: every request sleeps
 ``--latency`` seconds (a remote API's round trip) and ~``--fault-rate`` of (image, attempt)
 pairs fail (429 with retry-after, 500/503, malformed JSON, schema-violating JSON, refusals).
 
@@ -71,7 +71,7 @@ def make_corpus(folder: Path, n: int, seed: int = 0) -> list[Path]:
 class Server:
     def __init__(self, latency: float, fault_rate: float, seed: int = 0):
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "fake_openai.py"), "--latency", str(latency), "--fault-rate", str(fault_rate), "--seed", str(seed)],
+            [sys.executable, str(REPO / "tests" / "kit" / "fake_openai.py"), "--latency", str(latency), "--fault-rate", str(fault_rate), "--seed", str(seed)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         line = self.proc.stdout.readline().split()

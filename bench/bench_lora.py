@@ -48,8 +48,7 @@ import torch  # noqa: E402
 from pycore.lora import formats as fm  # noqa: E402
 from pycore.lora.checkpoint import sgm_entries, target_kind  # noqa: E402
 from pycore.lora.io import DTYPES, SafeWriter  # noqa: E402
-
-from pycore.sdxl_arch import CLIP_G, CLIP_L, UNET, VAE  # noqa: E402
+from tests.kit.sdxl_arch import CLIP_G, CLIP_L, UNET, VAE  # noqa: E402
 
 
 def log(msg: str = "") -> None:

@@ -4,14 +4,14 @@
 
 Models (random weights, seeded, built from configs in code; nothing is downloaded):
 
-* UNet: the real SDXL UNet architecture (pycore.sdxl_arch.UNET: 3 levels, DownBlock2D then two
+* UNet: the real SDXL UNet architecture (tests.kit.sdxl_arch.UNET: 3 levels, DownBlock2D then two
   cross-attention levels, text_time conditioning, 64-wide attention heads) with the channels cut
   to 64/128/256 (SDXL: 320/640/1280), the transformer depth to 1/2/2 (SDXL: 1/2/10), the
   cross-attention width to 256 and the pooled/time embeddings to 160/32 (SDXL: 2048, 1280, 256);
 * text encoders: two CLIP text towers shaped like CLIP-L and bigG (hidden 96 and 160 = 256 for
   the UNet, 2 layers each, bigG's projection 160) with the character-level tiny tokenizer;
 * VAE: SDXL's 4-level AutoencoderKL with channels 16/32/64/64 (SDXL: 128/256/512/512);
-* SPM: the time-conditioned CLIP of pycore.spo.preference (ViT, patch 14 at 224², hidden 128,
+* SPM: the time-conditioned CLIP of pycore.spm.model (ViT, patch 14 at 224², hidden 128,
   4 layers; PickScore: hidden 1280, 32 layers);
 * latents 4 × 32 × 32 (256² images); ``--quick`` uses 4 × 16 × 16, 10 sampling steps and one timed
   step per variant (a smoke test, under 2 minutes).
@@ -85,7 +85,7 @@ TE2 = dict(hidden_size=160, intermediate_size=640, num_hidden_layers=2, num_atte
 
 
 def unet_config(latent: int) -> dict[str, Any]:
-    from pycore.sdxl_arch import UNET
+    from tests.kit.sdxl_arch import UNET
 
     return dict(UNET, sample_size=latent, block_out_channels=[64, 128, 256], transformer_layers_per_block=[1, 2, 2],
                 attention_head_dim=[1, 2, 4], cross_attention_dim=TE1["hidden_size"] + TE2["hidden_size"], addition_time_embed_dim=32,
@@ -93,7 +93,7 @@ def unet_config(latent: int) -> dict[str, Any]:
 
 
 def vae_config(latent: int) -> dict[str, Any]:
-    from pycore.sdxl_arch import VAE
+    from tests.kit.sdxl_arch import VAE
 
     return dict(VAE, block_out_channels=[16, 32, 64, 64], norm_num_groups=16, sample_size=8 * latent, scaling_factor=0.13025)
 
@@ -126,7 +126,10 @@ def build(tmp: str, latent: int, *, unet: bool = True, vae_dtype: str = "float32
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from pycore.spo.preference import StepAwarePreferenceModel, parse_dtype, tiny_clip_config, write_tiny_clip_tokenizer
+    from pycore.checks import parse_dtype
+    from pycore.spm.model import StepAwarePreferenceModel
+    from tests.kit.clip import tiny_clip_config
+    from tests.kit.tokenizer import write_tiny_clip_tokenizer
 
     tok = write_tiny_clip_tokenizer(Path(tmp) / "tok")
     ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -151,7 +154,7 @@ def bench_config(latent: int, **over: Any):
 
 
 def encoder_for(m: dict[str, Any], cfg) -> Any:
-    from pycore.spo.conditioning import PromptEncoder
+    from pycore.diffusion.text import PromptEncoder
 
     return PromptEncoder(m["tokenizer"], m["text_encoder"], m["tokenizer"], m["text_encoder_2"], resolution=cfg.resolution,
                          force_zeros_for_empty_prompt=True)  # fmt: skip
@@ -161,7 +164,7 @@ def official_loss(unet: Any, ref: Any, batch: Any, cond: Any, cfg: Any):
     """Variant (b): pycore's loss with the reference log-probabilities from a separate frozen UNet copy (the official code's way)."""
     import torch
 
-    from pycore.spo.ddim import NoiseSchedule
+    from pycore.diffusion.schedule import NoiseSchedule
     from pycore.spo.losses import spo_dpo_loss
     from pycore.spo.train_step import transition_logprob
 
@@ -181,8 +184,8 @@ def fixed_batch(unet: Any, cond: Any, cfg: Any, latent: int):
     """train_batch_size transitions at segment timesteps: x_t random, x_next one stochastic DDIM step of the base model."""
     import torch
 
-    from pycore.spo.conditioning import cfg_eps
-    from pycore.spo.ddim import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
+    from pycore.diffusion.text import cfg_eps
+    from pycore.diffusion.schedule import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
     from pycore.spo.sampler import Transitions
 
     n = cfg.train_batch_size
@@ -206,7 +209,7 @@ def setup_training(p: dict[str, Any], with_copy: bool) -> dict[str, Any]:
 
     import torch
 
-    from pycore.spo.ddim import NoiseSchedule
+    from pycore.diffusion.schedule import NoiseSchedule
     from pycore.spo.train_step import adapters_disabled, add_spo_lora, make_optimizer, transition_logprob
 
     st: dict[str, Any] = {"rss_start": rss_now()}
@@ -460,8 +463,9 @@ def reduced_flops(latent: int, steps: int) -> dict[str, Any]:
     from transformers import CLIPModel
 
     import spo_memory_budget as budget
-    from pycore.spo.preference import StepAwarePreferenceModel, TimeConditionedCLIP, tiny_clip_config
+    from pycore.spm.model import StepAwarePreferenceModel, TimeConditionedCLIP
     from pycore.spo.train_step import add_spo_lora
+    from tests.kit.clip import tiny_clip_config
 
     cfg = bench_config(latent, num_inference_steps=steps)
     with torch.device("meta"):

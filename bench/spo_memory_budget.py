@@ -6,9 +6,9 @@ Nothing is downloaded and no real memory is used: every model is built from its 
 configuration on PyTorch's ``meta`` device (shapes and dtypes, no data), so
 
 * **weights** are exact parameter counts × bytes per parameter: the SDXL UNet, CLIP ViT-L/14 and
-  OpenCLIP bigG/14 text encoders (pycore.sdxl_arch), the SDXL VAE, the step-aware preference model
+  OpenCLIP bigG/14 text encoders (tests.kit.sdxl_arch), the SDXL VAE, the step-aware preference model
   (PickScore_v1 = CLIP ViT-H/14, vision + text towers, plus the t_embedder and the adaLN layers of
-  pycore.spo.preference), and the rank-64 LoRA that pycore.spo.train_step.add_spo_lora adds with
+  pycore.spm.model), and the rank-64 LoRA that pycore.spo.train_step.add_spo_lora adds with
   peft (to_q, to_k, to_v, to_out.0);
 * **activations** are *simulated*: each phase of a run (one rollout UNet call, the decode + SPM
   scoring of the k × batch candidates, one training micro-step: reference forward, policy forward,
@@ -81,12 +81,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-from pycore.sdxl_arch import CLIP_G, CLIP_L, UNET, VAE  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
+from tests.kit.sdxl_arch import CLIP_G, CLIP_L, UNET, VAE  # noqa: E402
 
 GiB = 2**30
 META = torch.device("meta")
-#: The real SDXL VAE config.json also has these (pycore.sdxl_arch.VAE leaves them at diffusers' defaults);
+#: The real SDXL VAE config.json also has these (tests.kit.sdxl_arch.VAE leaves them at diffusers' defaults);
 #: sample_size sets the tile size of enable_tiling().
 VAE_EXTRA = dict(sample_size=1024, scaling_factor=0.13025)
 #: PickScore_v1 = laion/CLIP-ViT-H-14-laion2B-s32B-b79K's architecture (transformers CLIPConfig).
@@ -250,7 +250,7 @@ def build_vae(dtype: torch.dtype):
 def build_spm(dtype: torch.dtype):
     from transformers import CLIPConfig, CLIPModel
 
-    from pycore.spo.preference import StepAwarePreferenceModel, TimeConditionedCLIP
+    from pycore.spm.model import StepAwarePreferenceModel, TimeConditionedCLIP
 
     with META:
         clip = CLIPModel(CLIPConfig(**PICKSCORE))
@@ -308,7 +308,7 @@ def _dt(name: str | None) -> torch.dtype | None:
 
 def _cond(n: int, unet: Any):
     """Zero conditioning for ``n`` latents, shaped for ``unet`` (SDXL: embeddings 77 × 2048, pooled 1280, 6 time ids)."""
-    from pycore.spo.conditioning import Conditioning, sdxl_time_ids
+    from pycore.diffusion.text import Conditioning, sdxl_time_ids
 
     c = unet.config
     d, pooled = c.cross_attention_dim, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
@@ -319,8 +319,8 @@ def _cond(n: int, unet: Any):
 
 def sim_sampling(unet, cfg, ph: Phase, latent: tuple[int, ...]) -> dict[str, float]:
     """One rollout UNet call at a branch (k × sample batch latents, CFG doubles the UNet batch), no grad."""
-    from pycore.spo.conditioning import cfg_eps
-    from pycore.spo.ddim import NoiseSchedule, ddim_step, sample_prev
+    from pycore.diffusion.text import cfg_eps
+    from pycore.diffusion.schedule import NoiseSchedule, ddim_step, sample_prev
 
     n = cfg.num_candidates * cfg.sample_batch_size
     cond = _cond(n, unet)
@@ -346,7 +346,7 @@ def sim_scoring(vae, spm, cfg, ph: Phase, latent: tuple[int, ...]) -> dict[str, 
         vae.tile_sample_min_size, vae.tile_latent_min_size = VAE_EXTRA["sample_size"], VAE_EXTRA["sample_size"] // 8
     bs = 1 if ph.decode.startswith("sliced") else None
     sem = GPUSemantics(_dt(ph.autocast) if ph.score_autocast else None)  # hw scores inside the rollout's autocast; the official code outside it
-    from pycore.spo.preference import decode_latents
+    from pycore.diffusion.vae import decode_latents
 
     with torch.no_grad(), sem, LiveBytes() as dec:
         images = decode_latents(vae, x0, batch_size=bs)
@@ -365,8 +365,8 @@ def sim_training(unet, ref, params, cfg, ph: Phase, latent: tuple[int, ...]) -> 
     Gradients of the LoRA are allocated beforehand (outside the count) — the state of the second
     micro-step of gradient accumulation; they are budgeted with the LoRA.
     """
-    from pycore.spo.conditioning import cfg_eps
-    from pycore.spo.ddim import NoiseSchedule, ddim_step, log_prob
+    from pycore.diffusion.text import cfg_eps
+    from pycore.diffusion.schedule import NoiseSchedule, ddim_step, log_prob
     from pycore.spo.losses import spo_dpo_loss
     from pycore.spo.train_step import adapters_disabled, transition_logprob
 
@@ -453,7 +453,7 @@ def compute_split(unet, params, vae, spm, cfg, latent: tuple[int, ...], autocast
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pycore.spo.conditioning import cfg_eps
+    from pycore.diffusion.text import cfg_eps
 
     sem = GPUSemantics(autocast)
 
@@ -466,7 +466,7 @@ def compute_split(unet, params, vae, spm, cfg, latent: tuple[int, ...], autocast
     with torch.no_grad():
         unet_latent = flops(lambda: cfg_eps(unet, torch.zeros(1, *latent, device=META), 551, _cond(1, unet), cfg.guidance_scale))
         img = torch.zeros(1, *latent, device=META)
-        from pycore.spo.preference import decode_latents
+        from pycore.diffusion.vae import decode_latents
 
         vae.use_tiling = False
 
@@ -499,7 +499,7 @@ def _train_flops(unet, params, cfg, ph: Phase, latent, counter) -> int:
     """FLOPs of one hw training micro-step (reference forward, policy forward, backward), counted by ``counter``."""
     import torch.utils.flop_counter  # noqa: F401
 
-    from pycore.spo.ddim import NoiseSchedule
+    from pycore.diffusion.schedule import NoiseSchedule
     from pycore.spo.losses import spo_dpo_loss
     from pycore.spo.train_step import adapters_disabled, transition_logprob
 
@@ -530,7 +530,7 @@ def check_autocast(cfg) -> dict[str, Any]:
     """Bytes saved for backward by one SDXL UNet training forward (batch 1, 128² latents): emulated vs real CUDA autocast."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from pycore.spo.conditioning import cfg_eps
+    from pycore.diffusion.text import cfg_eps
 
     res: dict[str, Any] = {}
 
@@ -568,7 +568,7 @@ def check_autocast(cfg) -> dict[str, Any]:
                 m._buffers[name] = FakeTensor(fm, torch.empty(b.shape, dtype=b.dtype, device=META), cuda)
     try:
         with fm:
-            from pycore.spo.conditioning import Conditioning, sdxl_time_ids
+            from pycore.diffusion.text import Conditioning, sdxl_time_ids
 
             cond = Conditioning(embeds=torch.zeros(1, 77, 2048, device=cuda), neg_embeds=torch.zeros(1, 77, 2048, device=cuda),
                                 pooled=torch.zeros(1, 1280, device=cuda), neg_pooled=torch.zeros(1, 1280, device=cuda),

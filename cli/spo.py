@@ -117,7 +117,7 @@ def spo_train(
     missing = [n for n, v in (("--base", base), ("--spm", spm), ("--prompts", prompts), ("--out", out)) if v is None]
     if missing:
         raise HwError(f"missing {', '.join(missing)} (see hw spo-train --help)")
-    from pycore.spo.models import detect_family
+    from pycore.diffusion.load import detect_family
 
     family = detect_family(base, single_file_config=base_config)  # type: ignore[arg-type]
     cfg, _ = resolve_config(family=family, preset=preset, config_file=config, options=options, sets=set_ or [])

@@ -86,3 +86,22 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def latest_checkpoint(folder: str | os.PathLike[str], pattern: str, *, marker: str | None = None) -> Path | None:
+    """The checkpoint in ``folder`` with the highest number: entries whose name fully matches ``pattern``
+    (a regex whose first group is the step or epoch number); with ``marker``, only folders holding that
+    file (written last, so a half-written checkpoint is never picked). None when there is none."""
+    import re
+
+    best, best_n = None, -1
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for entry in folder.iterdir():
+        m = re.fullmatch(pattern, entry.name)
+        if m is None or (marker is not None and not (entry / marker).is_file()):
+            continue
+        if int(m.group(1)) > best_n:
+            best, best_n = entry, int(m.group(1))
+    return best

@@ -27,7 +27,7 @@ echo "== hw caption: OpenAI Batch API request files for the sample (no network, 
 echo
 echo "== hw caption: against the bundled fake OpenAI-compatible server (10% injected faults), kohya metadata"
 port=$("$venv/bin/python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-"$venv/bin/python" tests/fake_openai.py --port "$port" --fault-rate 0.1 --forever >/dev/null &
+"$venv/bin/python" -m tests.kit.fake_openai --port "$port" --fault-rate 0.1 --forever >/dev/null &
 fake=$!
 trap 'kill $fake 2>/dev/null || true' EXIT
 sleep 1
@@ -37,20 +37,13 @@ kill $fake 2>/dev/null || true
 echo
 echo "== hw spm-score: score the sample with a step-aware preference model (a tiny random one built here:"
 echo "   no downloads in the demo; real use: --model spo-sdxl or yuvalkirstain/PickScore_v1)"
-"$venv/bin/python" - <<'PY'
-from pycore.spo.preference import StepAwarePreferenceModel, tiny_spm_config, write_tiny_clip_tokenizer
-tok = write_tiny_clip_tokenizer("out/tiny_spm")
-StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok).save_pretrained("out/tiny_spm", overwrite=True)
-PY
+"$venv/bin/python" -c 'from tests.kit.clip import save_tiny_spm; save_tiny_spm("out/tiny_spm")'
 "$hw" spm-score out/sample_captioned.parquet --prompt-column caption --model out/tiny_spm --timestep 0 \
   --out out/sample_scored.parquet --overwrite
 echo
 echo "== hw spo-train: SPO of a tiny SDXL-shaped pipeline (built here; real use: --base stabilityai/stable-diffusion-xl-base-1.0"
 echo "   --spm spo-sdxl) on the sample's captions, then hw spo-sample: before/after with the same seeds, scored by the SPM"
-"$venv/bin/python" - <<'PY'
-from pycore.spo.tiny import save_tiny_pipeline
-save_tiny_pipeline("out/tiny_sdxl", full_layout=True)
-PY
+"$venv/bin/python" -c 'from tests.kit.diffusion import save_tiny_pipeline; save_tiny_pipeline("out/tiny_sdxl", full_layout=True)'
 "$hw" spo-train --base out/tiny_sdxl --spm out/tiny_spm --prompts out/sample_captioned.parquet --prompt-column caption \
   --out out/spo_run --resolution 8 --lora-rank 4 --lr 1e-3 --epochs 1 --set threshold=0.0 --num-samples 2 --overwrite
 "$hw" spo-sample --base out/tiny_sdxl --lora out/spo_run/spo_lora_diffusers.safetensors --prompts out/sample_captioned.parquet \

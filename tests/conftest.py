@@ -87,3 +87,39 @@ def tree_digest(*paths: Path) -> dict[str, str]:
         for f in files:
             out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
+
+
+# --- the test kit (tests/kit) as session fixtures: built once, shared by every test file that needs them ---
+
+
+@pytest.fixture(scope="session")
+def kit_spm(tmp_path_factory) -> Path:
+    """A tiny random step-aware preference model saved as an `hw spm-train` folder (tests.kit.clip.save_tiny_spm)."""
+    pytest.importorskip("transformers")
+    from tests.kit.clip import save_tiny_spm
+
+    d = tmp_path_factory.mktemp("kit_spm")
+    save_tiny_spm(d, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def kit_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline folder in SDXL's full layout (tests.kit.diffusion.save_tiny_pipeline)."""
+    pytest.importorskip("diffusers")
+    from tests.kit.diffusion import save_tiny_pipeline
+
+    d = tmp_path_factory.mktemp("kit_sdxl")
+    save_tiny_pipeline(d, sdxl=True, full_layout=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def kit_sd15(tmp_path_factory) -> Path:
+    """A tiny SD1.5 pipeline folder (tests.kit.diffusion.save_tiny_pipeline)."""
+    pytest.importorskip("diffusers")
+    from tests.kit.diffusion import save_tiny_pipeline
+
+    d = tmp_path_factory.mktemp("kit_sd15")
+    save_tiny_pipeline(d, sdxl=False)
+    return d

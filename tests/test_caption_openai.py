@@ -1,4 +1,4 @@
-"""`hw caption --backend openai` against a real HTTP server on 127.0.0.1 (tests/fake_openai.py)."""
+"""`hw caption --backend openai` against a real HTTP server on 127.0.0.1 (tests/kit/fake_openai.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from fake_openai import FakeOpenAI, caption_for, image_id_of, random_faults
+from tests.kit.fake_openai import FakeOpenAI, caption_for, image_id_of, random_faults
 from pycore.caption.images import data_url
 from pycore.caption.schema import QUALITY_WORDS
 from pycore.manifest import read_manifest, write_manifest

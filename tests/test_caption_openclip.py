@@ -2,44 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import polars as pl
 import pytest
 
-from fake_openai import FakeOpenAI
 from pycore.caption.pipeline import QualityMapping
 from pycore.caption.schema import QUALITY_WORDS
 from pycore.manifest import read_manifest
-from test_caption_openai import assert_clean, make_images
+from tests.kit.fake_openai import FakeOpenAI
+from tests.test_caption_openai import assert_clean, make_images
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-EMBED = 32
-CLIP_CFG = {
-    "embed_dim": EMBED,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-COCA_CFG = {
-    "embed_dim": EMBED,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
-                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
-    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "embed_cls": True, "output_tokens": True},
-    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "attn_pooler_heads": 2},
-    "custom_text": True,
-}  # fmt: skip
-
-
-def _save(folder: Path, model, cfg: dict) -> str:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    return f"local-dir:{folder}"
+from tests.kit.open_clip import CLIP_CFG, COCA_CFG, EMBED, build  # noqa: E402
+from tests.kit.open_clip import save_local_dir as _save  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +24,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     clip = open_clip.CLIP(**CLIP_CFG)
-    coca = open_clip.CoCa(**{k: v for k, v in COCA_CFG.items() if k != "custom_text"})
+    coca = build(COCA_CFG, seed=None)
     from pycore.caption.openclip_backend import aesthetic_mlp
 
     mlp = aesthetic_mlp(EMBED)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fake_openai import FakeOpenAI, image_id_of
+from tests.kit.fake_openai import FakeOpenAI, image_id_of
 from pycore.caption.images import data_url
 from pycore.manifest import read_manifest
-from test_caption_openai import assert_clean, make_images
+from tests.test_caption_openai import assert_clean, make_images
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-resume-SECRET-9f8e7d6c5b4a"

@@ -351,16 +351,9 @@ def test_sample_manifest_bit_exact(hw, tmp_path):
 
 
 def _tiny_clip():
-    import open_clip
-    import torch
+    from tests.kit.open_clip import embed_only_clip
 
-    torch.manual_seed(0)
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}  # fmt: skip
-    model = open_clip.CLIP(**cfg)
-    preprocess = open_clip.image_transform(32, is_train=False)
-    return model, preprocess
+    return embed_only_clip(seed=0)
 
 
 @pytest.mark.slow

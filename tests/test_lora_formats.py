@@ -14,8 +14,8 @@ from pycore.lora import formats as fm  # noqa: E402
 from pycore.lora.checkpoint import target_kind  # noqa: E402
 from pycore.lora.io import LoraError, SafeReader, SafeWriter, file_body_sha256, load_tensors, save_tensors  # noqa: E402
 
-from pycore.sdxl_arch import CLIP_G, CLIP_L  # noqa: E402
-from pycore.sdxl_arch import UNET as SDXL_UNET  # noqa: E402
+from tests.kit.sdxl_arch import CLIP_G, CLIP_L  # noqa: E402
+from tests.kit.sdxl_arch import UNET as SDXL_UNET  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

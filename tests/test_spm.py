@@ -9,16 +9,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from pycore.spo.preference import (  # noqa: E402
+from pycore.spm.model import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     SPMLoadError,
     StepAwarePreferenceModel,
     preprocess_images,
     timestep_embedding,
-    tiny_spm_config,
-    write_tiny_clip_tokenizer,
 )
+from tests.kit.clip import save_tiny_clip, tiny_spm  # noqa: E402
+from tests.kit.tokenizer import write_tiny_clip_tokenizer  # noqa: E402
 
 PROMPTS = ["a red square on grey", "a photo of a cat"]
 
@@ -50,13 +50,7 @@ def tok(tok_dir):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory, tok):
     """A tiny plain CLIP in HF format (config.json + weights + tokenizer), like PickScore_v1 on disk."""
-    from transformers import CLIPModel
-
-    torch.manual_seed(1)
-    d = tmp_path_factory.mktemp("clip")
-    CLIPModel(tiny_spm_config(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), seed=1, tokenizer=tok)
 
 
 def images(n=2, h=240, w=320, seed=0):
@@ -112,7 +106,7 @@ def test_preprocessing_pil_input_matches_tensor(tok):
     import numpy as np
     from PIL import Image
 
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok)
+    spm = tiny_spm(tok)
     arr = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
     t = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
     assert torch.allclose(spm.preprocess([Image.fromarray(arr)]), spm.preprocess(t), atol=1e-6)
@@ -140,7 +134,7 @@ def test_identity_init_scores_equal_plain_clip_for_every_t(clip_dir, tok):
 
 
 def test_nonzero_adaln_makes_score_depend_on_t(tok):
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok)
+    spm = tiny_spm(tok)
     randomize_time_modules(spm)
     x = images()
     with torch.no_grad():
@@ -152,7 +146,7 @@ def test_nonzero_adaln_makes_score_depend_on_t(tok):
 
 
 def _released_bin(tmp_path, tok, sd_edit=None):
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok)
+    spm = tiny_spm(tok)
     randomize_time_modules(spm)
     sd = {k: v.clone() for k, v in spm.state_dict().items()}
     assert all(k.startswith("model.") for k in sd)
@@ -227,7 +221,7 @@ def test_pickled_non_tensor_checkpoint_is_refused(tmp_path, tok_dir, clip_dir):
 def test_save_pretrained_roundtrip_safetensors(tmp_path, tok):
     from safetensors.torch import load_file
 
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok)
+    spm = tiny_spm(tok)
     randomize_time_modules(spm)
     spm.save_pretrained(tmp_path / "m")
     keys = set(load_file(str(tmp_path / "m" / "model.safetensors")))
@@ -242,7 +236,7 @@ def test_save_pretrained_roundtrip_safetensors(tmp_path, tok):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_scores_close_to_fp32(tmp_path, tok, dtype):
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok)
+    spm = tiny_spm(tok)
     randomize_time_modules(spm)
     spm.save_pretrained(tmp_path / "m")
     half = StepAwarePreferenceModel.from_pretrained(tmp_path / "m", dtype=dtype)
@@ -262,7 +256,7 @@ def test_score_latents_decodes_and_keeps_no_graph(tok):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         norm_num_groups=8, sample_size=32).eval()  # fmt: skip
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok)
+    spm = tiny_spm(tok)
     randomize_time_modules(spm)
     lat = torch.randn(2, 4, 16, 16, requires_grad=True)
     got = spm.score_latents(lat, vae, PROMPTS, [100, 900], decode_batch_size=1)
@@ -274,5 +268,7 @@ def test_score_latents_decodes_and_keeps_no_graph(tok):
 
 
 def test_unknown_local_path_is_a_clear_error(tmp_path):
-    with pytest.raises(SPMLoadError, match="not an hw SPM folder"):
+    from pycore.errors import HwError
+
+    with pytest.raises(HwError, match="no such file or folder"):
         StepAwarePreferenceModel.from_pretrained(tmp_path / "nope.bin")

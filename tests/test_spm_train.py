@@ -16,9 +16,12 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pycore.spo.preference import StepAwarePreferenceModel, tiny_spm_config, write_tiny_clip_tokenizer  # noqa: E402
-from pycore.spo.spm_data import PairDataset, PairsError, collate_pairs, read_pairs  # noqa: E402
-from pycore.spo.spm_train import margin_labels, pair_correct, pair_loss, pred_original_sample  # noqa: E402
+from pycore.diffusion.schedule import pred_original_sample  # noqa: E402
+from pycore.spm.data import PairDataset, PairsError, collate_pairs, read_pairs  # noqa: E402
+from pycore.spm.losses import margin_labels, pair_correct, pair_loss  # noqa: E402
+from pycore.spm.model import StepAwarePreferenceModel  # noqa: E402
+from tests.kit.clip import save_tiny_clip  # noqa: E402
+from tests.kit.diffusion import save_tiny_sd15_denoiser  # noqa: E402
 
 RES = 16  # VAE resolution of the tiny base model
 
@@ -34,81 +37,16 @@ def _offline_one_thread(monkeypatch):
     torch.set_num_threads(n)
 
 
-def near_identity_vae():
-    """A tiny AutoencoderKL (no downsampling) whose decode(encode(x)) is a monotone per-pixel map of x,
-    as a trained VAE's reconstruction is close to x — a random one scrambles images beyond recognition.
-
-    Every resnet passes its input through (conv2 = 0); channels 3.. carry large constants so that the
-    GroupNorm statistics hardly depend on the image, and its affine part undoes the normalisation.
-    """
-    from diffusers import AutoencoderKL
-
-    ch = 32
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(ch,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, sample_size=RES, scaling_factor=1.0,
-                        mid_block_add_attention=False)  # fmt: skip
-    const = torch.zeros(ch)
-    const[3:] = torch.tensor([50.0 if i % 2 == 0 else -50.0 for i in range(ch - 3)])
-    mean, std = const.mean(), (const.pow(2).mean() - const.mean() ** 2).sqrt()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.zero_()
-        for m in vae.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.fill_(float(std))
-                m.bias.fill_(float(mean))
-        for conv in (vae.encoder.conv_in, vae.encoder.conv_out, vae.quant_conv, vae.post_quant_conv,
-                     vae.decoder.conv_in, vae.decoder.conv_out):  # fmt: skip
-            k = conv.weight.shape[-1] // 2
-            for c in range(3):
-                conv.weight[c, c, k, k] = 1.0
-        vae.encoder.conv_in.bias.copy_(const)
-        vae.decoder.conv_in.bias.copy_(const)
-        vae.encoder.conv_out.bias[4:] = -30.0  # log-variance: a (near) deterministic latent
-        vae.quant_conv.weight[4:, 4:, 0, 0] = torch.eye(4)
-    return vae
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A tiny SD1.5-shaped diffusers pipeline (UNet, VAE, CLIP text encoder, tokenizer, DDIM) on disk."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    d = tmp_path_factory.mktemp("tiny_sd")
-    tok = write_tiny_clip_tokenizer(d / "_tok")
-    tok = CLIPTokenizer.from_pretrained(str(d / "_tok"))
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=RES, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8)  # fmt: skip
-    vae = near_identity_vae()
-    with torch.no_grad():  # ε ≈ 0: x̂0 keeps the clean latent plus the (shared) noise, as a good denoiser would at low t
-        unet.conv_out.weight.mul_(0.01)
-        unet.conv_out.bias.zero_()
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))  # fmt: skip
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    pipe.save_pretrained(d)
-    return d
+    return save_tiny_sd15_denoiser(tmp_path_factory.mktemp("tiny_sd"), resolution=RES)
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny plain CLIP in HF format with its tokenizer: the --init of training (PickScore's stand-in)."""
-    from transformers import CLIPModel
-
-    d = tmp_path_factory.mktemp("tiny_clip")
-    tok = write_tiny_clip_tokenizer(d)
-    torch.manual_seed(2)
-    CLIPModel(tiny_spm_config(tok)).save_pretrained(d)
-    return d
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=2)
 
 
 def _png(color, size=RES, seed=0, square=None) -> bytes:
@@ -289,7 +227,7 @@ def test_spm_train_bad_pairs_file_fails_before_training(hw, tmp_path, tiny_sd, t
     r = hw(*_train_args(tmp_path / "bad_labels.parquet", tmp_path / "o", tiny_sd, tiny_clip, "--max-steps", 1))
     assert r.code == 1 and "no usable pairs" in r.err and "label out of range: 4" in r.err
     r = hw(*_train_args(tmp_path / "pairs.parquet", tmp_path / "o", tiny_sd, tiny_clip, "--max-steps", 1, "--mixed-precision", "fp8"))
-    assert r.code == 1 and "mixed precision" in r.err
+    assert r.code == 1 and "--mixed-precision" in r.err
 
 
 # ------------------------------------------------------------------------------------------- scoring

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pycore.lora.convert import load_lora  # noqa: E402
-from pycore.spo.tiny import save_tiny_pipeline, save_tiny_spm  # noqa: E402
+from tests.kit.clip import save_tiny_spm  # noqa: E402
+from tests.kit.diffusion import save_tiny_pipeline  # noqa: E402
 
 # Resolution 8: the tiny VAE has one level, so the latents are 4×8×8. Threshold 0 keeps every pair.
 FAST = ["--resolution", "8", "--lora-rank", "2", "--lr", "1e-3", "--batch-size", "2", "--set", "threshold=0.0",

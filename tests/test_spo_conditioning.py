@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pycore.errors import HwError  # noqa: E402
-from pycore.spo.conditioning import PromptEncoder, cfg_eps, encode_sd15, sdxl_time_ids  # noqa: E402
-from pycore.spo.tiny import TE_HIDDEN, build_tiny_models  # noqa: E402
+from pycore.diffusion.text import PromptEncoder, cfg_eps, encode_sd15, sdxl_time_ids  # noqa: E402
+from tests.kit.diffusion import TE_HIDDEN, build_tiny_models  # noqa: E402
 
 PROMPTS = ["a cat", "a dog on a sofa"]
 

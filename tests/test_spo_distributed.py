@@ -37,9 +37,9 @@ TRAIN_SCRIPT = textwrap.dedent(
     os.environ["HF_HUB_OFFLINE"] = "1"
     from pathlib import Path
     from accelerate import Accelerator
-    from pycore.spo.conditioning import PromptEncoder
+    from pycore.diffusion.text import PromptEncoder
     from pycore.spo.config import from_preset
-    from pycore.spo.tiny import build_tiny_models
+    from tests.kit.diffusion import build_tiny_models
     from pycore.spo.trainer import run_spo
 
     acc = Accelerator(cpu=True)
@@ -107,7 +107,8 @@ def accelerate_launch(args, cwd, timeout=300):
 def test_accelerate_launch_two_processes_resume_equals_uninterrupted(tmp_path):
     """The CLI under `accelerate launch` (2 processes): a run stopped after epoch 1 and resumed ends with the
     same LoRA as an uninterrupted 2-process run; only rank 0 writes outputs and reports."""
-    from pycore.spo.tiny import save_tiny_pipeline, save_tiny_spm
+    from tests.kit.clip import save_tiny_spm
+    from tests.kit.diffusion import save_tiny_pipeline
 
     save_tiny_pipeline(tmp_path / "base")
     save_tiny_spm(tmp_path / "spm")

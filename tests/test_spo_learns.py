@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pycore.spo.conditioning import PromptEncoder  # noqa: E402
+from pycore.diffusion.text import PromptEncoder  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
 from pycore.spo.sampler import sample_latents, spo_rollout  # noqa: E402
-from pycore.spo.tiny import build_tiny_models  # noqa: E402
+from tests.kit.diffusion import build_tiny_models  # noqa: E402
 from pycore.spo.train_step import add_spo_lora, make_optimizer, train_step  # noqa: E402
 
 LATENT = (4, 8, 8)

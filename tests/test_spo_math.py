@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pycore.spo.ddim import NoiseSchedule, ddim_step, leading_timesteps, log_prob, sample_prev
+from pycore.diffusion.schedule import NoiseSchedule, ddim_step, leading_timesteps, log_prob, sample_prev
 from pycore.spo.losses import pick_continuation, segment_steps, select_pairs, spo_dpo_loss
 
 

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pycore.errors import HwError  # noqa: E402
-from pycore.spo.models import detect_family, load_base  # noqa: E402
+from pycore.diffusion.load import detect_family, load_base  # noqa: E402
 from pycore.spo.prompts import load_prompts  # noqa: E402
-from pycore.spo.tiny import save_tiny_pipeline  # noqa: E402
+from tests.kit.diffusion import save_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,21 @@ def test_prompt_files(tmp_path):
         load_prompts(tmp_path / "bin.txt")
     with pytest.raises(HwError, match="not found"):
         load_prompts(tmp_path / "missing.txt")
+
+
+def test_family_comes_from_the_configs_not_class_names(folders, tmp_path):
+    import shutil
+
+    from pycore.diffusion.load import family_of_configs
+
+    for fam, wrong in (("sdxl", "MyCustomPipeline"), ("sd15", "StableDiffusionXLPipeline")):
+        d = tmp_path / fam
+        shutil.copytree(folders / fam, d)
+        idx = d / "model_index.json"
+        idx.write_text(json.dumps({**json.loads(idx.read_text()), "_class_name": wrong}))
+        assert detect_family(str(d)) == fam
+    # SDXL's added text_time conditioning in the UNet config is enough, even without text_encoder_2
+    assert family_of_configs({"unet": ["diffusers", "UNet2DConditionModel"]}, {"addition_embed_type": "text_time"}, "x") == "sdxl"
+    with pytest.raises(HwError, match="neither an SDXL nor an SD1.5 pipeline"):
+        family_of_configs({"_class_name": "StableDiffusionPipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+                           "vae": ["diffusers", "AutoencoderKL"]}, None, "sd3")  # fmt: skip

@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pycore.spo.conditioning import PromptEncoder  # noqa: E402
+from pycore.diffusion.text import PromptEncoder  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
-from pycore.spo.ddim import leading_timesteps  # noqa: E402
+from pycore.diffusion.schedule import leading_timesteps  # noqa: E402
 from pycore.spo.sampler import spo_rollout  # noqa: E402
-from pycore.spo.tiny import build_tiny_models  # noqa: E402
+from tests.kit.diffusion import build_tiny_models  # noqa: E402
 
 LATENT = (4, 8, 8)
 PROMPTS = ["a cat", "a dog", "a red car"]
@@ -130,12 +130,12 @@ def test_continues_from_a_uniformly_random_candidate_reproducibly(tiny):
 
 
 def test_spm_scorer_scores_decoded_x0_at_the_given_timesteps(tiny, tmp_path):
-    from pycore.spo.preference import StepAwarePreferenceModel, tiny_spm_config, write_tiny_clip_tokenizer
     from pycore.spo.sampler import spm_scorer
+    from tests.kit.clip import tiny_spm
+    from tests.kit.tokenizer import write_tiny_clip_tokenizer
 
     m, _ = tiny
-    tok = write_tiny_clip_tokenizer(tmp_path / "spm_tok")
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok, seed=0)
+    spm = tiny_spm(write_tiny_clip_tokenizer(tmp_path / "spm_tok"), seed=0)
     with torch.no_grad():  # non-identity time conditioning, so the timestep matters
         for n, p in spm.model.named_parameters():
             if "adaLN_modulation" in n or "t_embedder" in n:

@@ -12,11 +12,11 @@ torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pycore.errors import HwError  # noqa: E402
-from pycore.spo.conditioning import PromptEncoder  # noqa: E402
+from pycore.diffusion.text import PromptEncoder  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
-from pycore.spo.ddim import NoiseSchedule  # noqa: E402
+from pycore.diffusion.schedule import NoiseSchedule  # noqa: E402
 from pycore.spo.sampler import spo_rollout  # noqa: E402
-from pycore.spo.tiny import build_tiny_models  # noqa: E402
+from tests.kit.diffusion import build_tiny_models  # noqa: E402
 from pycore.spo.train_step import (  # noqa: E402
     NonFiniteError,
     adapters_disabled,

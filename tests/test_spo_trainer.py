@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pycore.errors import HwError  # noqa: E402
-from pycore.spo.conditioning import PromptEncoder  # noqa: E402
+from pycore.diffusion.text import PromptEncoder  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
-from pycore.spo.tiny import build_tiny_models  # noqa: E402
+from tests.kit.diffusion import build_tiny_models  # noqa: E402
 from pycore.spo.trainer import latest_checkpoint, run_spo  # noqa: E402
 
 LATENT = (4, 8, 8)
@@ -84,7 +84,7 @@ class RecordingLogger:
 
 
 def test_logging_and_per_epoch_samples(tmp_path):
-    from pycore.spo.preference import decode_latents
+    from pycore.diffusion.vae import decode_latents
     from pycore.spo.trainer import Preview
 
     m = build_tiny_models(tmp_path / "tok", sdxl=True, seed=0)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pycore.errors import HwError
+from pycore.hub import PICKLE_SUFFIXES  # one list of pickle suffixes (re-exported for pycore.lora.checkpoint)
 from pycore.io import atomic_path
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E4M3": ("float8_e4m3fn", 1),
     "F8_E5M2": ("float8_e5m2", 1),
 }
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MAX_HEADER = 100 * 1024 * 1024
 
 

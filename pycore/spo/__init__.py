@@ -1,5 +1,5 @@
-"""Step-aware Preference Optimization (SPO): the step-aware preference model and its training.
+"""Step-aware Preference Optimization (SPO): configuration, rollouts, the training loop and sampling.
 
-Heavy modules (torch, transformers, diffusers) are imported by the submodules, not here:
-``from pycore.spo.preference import StepAwarePreferenceModel``.
+The step-aware preference model lives in :mod:`pycore.spm`, the diffusion stack (loading, prompt
+encoding, schedule, VAE) in :mod:`pycore.diffusion`. Heavy modules are imported by the submodules.
 """

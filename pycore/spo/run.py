@@ -153,9 +153,11 @@ class RunLogger:
 
 def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `hw spo-train`; returns the report (main process; other ranks return {"rank": n})."""
-    from pycore.spo.conditioning import PromptEncoder
-    from pycore.spo.models import load_base
-    from pycore.spo.preference import StepAwarePreferenceModel, decode_latents, parse_dtype
+    from pycore.diffusion.text import PromptEncoder
+    from pycore.diffusion.load import load_base
+    from pycore.checks import parse_dtype
+    from pycore.diffusion.vae import decode_latents
+    from pycore.spm.model import StepAwarePreferenceModel
     from pycore.spo.prompts import load_prompts
     from pycore.spo.sampler import spm_scorer
     from pycore.spo.trainer import Preview, run_spo

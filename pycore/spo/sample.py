@@ -119,7 +119,7 @@ def load_lora_into(pipe: Any, lora: str, scale: float) -> None:
 def _device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     import torch
 
-    from pycore.spo.preference import parse_dtype
+    from pycore.checks import parse_dtype
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     if dtype == "auto":
@@ -144,7 +144,7 @@ def _grid(rows: list[tuple[Any, Any]]) -> Any:
 def sample(req: SampleRequest, say: Callable[[str], None] = print, on_image: Callable[[int], None] | None = None) -> dict[str, Any]:
     import torch
 
-    from pycore.spo.models import load_base
+    from pycore.diffusion.load import load_base
     from pycore.spo.prompts import load_prompts
 
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def sample(req: SampleRequest, say: Callable[[str], None] = print, on_image: Cal
     device, dtype = _device_dtype(req.device, req.dtype)
     spm = None
     if req.spm is not None:
-        from pycore.spo.preference import StepAwarePreferenceModel
+        from pycore.spm.model import StepAwarePreferenceModel
 
         spm = StepAwarePreferenceModel.from_pretrained(req.spm, base=req.spm_base, processor=req.spm_processor, device=device)
         spm.requires_grad_(False)

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from pycore.spo.conditioning import Conditioning, cfg_eps
+from pycore.diffusion.text import Conditioning, cfg_eps
 from pycore.spo.config import SPOConfig
-from pycore.spo.ddim import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
+from pycore.diffusion.schedule import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
 from pycore.spo.losses import pick_continuation, select_pairs
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from pycore.errors import HwError
-from pycore.spo.conditioning import Conditioning, cfg_eps
+from pycore.diffusion.text import Conditioning, cfg_eps
 from pycore.spo.config import SPOConfig
-from pycore.spo.ddim import NoiseSchedule, ddim_step, log_prob
+from pycore.diffusion.schedule import NoiseSchedule, ddim_step, log_prob
 from pycore.spo.losses import spo_dpo_loss
 from pycore.spo.sampler import Transitions
 

@@ -23,7 +23,8 @@ import torch
 
 from pycore.errors import HwError
 from pycore.io import atomic_path, write_text_atomic
-from pycore.spo.conditioning import PromptEncoder
+from pycore.diffusion.text import PromptEncoder
+from pycore.io import latest_checkpoint as find_latest_checkpoint
 from pycore.spo.config import SPOConfig
 from pycore.spo.sampler import Scorer, Transitions, sample_latents, spo_rollout
 from pycore.spo.train_step import NonFiniteError, add_spo_lora, clip_gradients, make_optimizer, spo_loss
@@ -64,8 +65,7 @@ def _lora_state(unet: Any) -> dict[str, torch.Tensor]:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((Path(out_dir) / CKPT_DIR).glob("epoch_*.pt"))
-    return found[-1] if found else None
+    return find_latest_checkpoint(Path(out_dir) / CKPT_DIR, r"epoch_(\d+)\.pt")
 
 
 def _save_checkpoint(path: Path, unet: Any, opt: Any, epoch: int, config: SPOConfig, history: list, world: int,

@@ -1,13 +1,16 @@
-"""Tiny SDXL-/SD1.5-shaped models built from configs in code (tests and CPU demos; no downloads).
+"""Tiny SDXL-/SD1.5-shaped models built from configs in code (tests, benchmarks and the demo; no downloads).
 
 The UNet has SDXL's text_time conditioning; the two CLIP text encoders use the character-level
-tokenizer of :func:`pycore.spo.preference.write_tiny_clip_tokenizer` so any prompt tokenizes.
+tokenizer of :func:`tests.kit.tokenizer.write_tiny_clip_tokenizer` so any prompt tokenizes.
+:func:`save_tiny_sd15_denoiser` is an SD1.5 pipeline with a near-identity VAE and an ε ≈ 0 UNet, for
+training the step-aware preference model on images whose content survives the noising.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 TE_HIDDEN = 16
@@ -62,7 +65,7 @@ def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = Tru
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from pycore.spo.preference import write_tiny_clip_tokenizer
+    from tests.kit.tokenizer import write_tiny_clip_tokenizer
 
     tok = write_tiny_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
@@ -100,11 +103,71 @@ def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, see
     return pipe
 
 
-def save_tiny_spm(folder: str | os.PathLike[str], *, seed: int = 0) -> Any:
-    """A tiny random step-aware preference model saved as an `hw spm-train` folder (loads with --spm FOLDER)."""
-    from pycore.spo.preference import StepAwarePreferenceModel, tiny_spm_config, write_tiny_clip_tokenizer
+def near_identity_vae(sample_size: int = 16) -> Any:
+    """A tiny AutoencoderKL (no downsampling) whose decode(encode(x)) is a monotone per-pixel map of x,
+    as a trained VAE's reconstruction is close to x — a random one scrambles images beyond recognition.
 
-    tok = write_tiny_clip_tokenizer(folder)
-    spm = StepAwarePreferenceModel.from_config(tiny_spm_config(tok), tok, seed=seed)
-    spm.save_pretrained(folder, overwrite=True)
-    return spm
+    Every resnet passes its input through (conv2 = 0); channels 3.. carry large constants so that the
+    GroupNorm statistics hardly depend on the image, and its affine part undoes the normalisation.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    ch = 32
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(ch,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, sample_size=sample_size, scaling_factor=1.0,
+                        mid_block_add_attention=False)  # fmt: skip
+    const = torch.zeros(ch)
+    const[3:] = torch.tensor([50.0 if i % 2 == 0 else -50.0 for i in range(ch - 3)])
+    mean, std = const.mean(), (const.pow(2).mean() - const.mean() ** 2).sqrt()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for m in vae.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.fill_(float(std))
+                m.bias.fill_(float(mean))
+        for conv in (vae.encoder.conv_in, vae.encoder.conv_out, vae.quant_conv, vae.post_quant_conv,
+                     vae.decoder.conv_in, vae.decoder.conv_out):  # fmt: skip
+            k = conv.weight.shape[-1] // 2
+            for c in range(3):
+                conv.weight[c, c, k, k] = 1.0
+        vae.encoder.conv_in.bias.copy_(const)
+        vae.decoder.conv_in.bias.copy_(const)
+        vae.encoder.conv_out.bias[4:] = -30.0  # log-variance: a (near) deterministic latent
+        vae.quant_conv.weight[4:, 4:, 0, 0] = torch.eye(4)
+    return vae
+
+
+def save_tiny_sd15_denoiser(folder: str | os.PathLike[str], *, resolution: int = 16) -> Path:
+    """A tiny SD1.5-shaped diffusers pipeline (UNet, near-identity VAE, CLIP text encoder, tokenizer, DDIM)
+    saved to ``folder``; its UNet predicts ε ≈ 0, so x̂0 keeps the clean latent plus the shared noise, as a
+    good denoiser would at low t. The base model of `hw spm-train` tests."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from tests.kit.tokenizer import write_tiny_clip_tokenizer
+
+    d = Path(folder)
+    write_tiny_clip_tokenizer(d / "_tok")
+    tok = CLIPTokenizer.from_pretrained(str(d / "_tok"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=resolution, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)  # fmt: skip
+    vae = near_identity_vae(resolution)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.01)
+        unet.conv_out.bias.zero_()
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))  # fmt: skip
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.save_pretrained(d)
+    return d

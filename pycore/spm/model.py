@@ -15,20 +15,11 @@ The modules here reuse the CLIP submodules (attention, MLP, layer norms, embeddi
 state-dict keys are the HF ``CLIPModel`` keys 1:1 plus the added ones; the wrapper keeps them under
 ``model.`` like the released ``.bin`` checkpoints. Score = ``logit_scale.exp() · cos(image, text)``.
 
-Loading (:meth:`StepAwarePreferenceModel.from_pretrained`) accepts
-
-* a folder written by :meth:`StepAwarePreferenceModel.save_pretrained` (``hw_spm.json`` +
-  ``model.safetensors`` + tokenizer files), as ``hw spm-train`` writes;
-* a released checkpoint (``.bin`` pickle, loaded with ``torch.load(weights_only=True)``, or the
-  same keys in ``.safetensors``): a local file, a hub file ``owner/repo/file.bin``, or the aliases
-  ``spo-sdxl`` / ``spo-sd15``; its CLIP config comes from ``base`` (PickScore_v1 by default);
-* a plain CLIP / PickScore checkpoint in HF format (hub name or folder): the time modules are
-  initialised so the model is exactly the plain CLIP scorer (adaLN zero, gate biases one).
+Loading and saving (``from_pretrained`` / ``save_pretrained``) live in :mod:`pycore.spm.checkpoints`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -39,7 +30,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pycore.bpe import bytes_to_unicode
 from pycore.errors import HwError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,31 +44,10 @@ EVAL_TIMESTEPS = (0, 251, 501, 701, 951)
 
 DEFAULT_BASE = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-RELEASED_REPO = "SPO-Diffusion-Models/Step-Aware_Preference_Models"
-#: Short names for the released step-aware preference models (hub files).
-ALIASES = {
-    "spo-sdxl": f"{RELEASED_REPO}/sdxl_step-aware_preference_model.bin",
-    "spo-sd15": f"{RELEASED_REPO}/sd-v1-5_step-aware_preference_model.bin",
-}
-HW_META = "hw_spm.json"
-WEIGHTS = "model.safetensors"
-FORMAT = "hw-step-aware-preference-model"
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}  # fmt: skip
 
 
 class SPMLoadError(HwError):
     """A checkpoint that is not a step-aware preference model matching the configuration."""
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise HwError(f"unknown dtype {name!r}; use fp32, fp16 or bf16") from None
 
 
 # --------------------------------------------------------------------------------------------- math
@@ -256,54 +225,6 @@ class TimeConditionedCLIP(nn.Module):
         return self.text_projection(out.pooler_output)
 
 
-# -------------------------------------------------------------------------------------------- configs
-
-
-def tiny_clip_config(vocab_size: int = 600, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
-                     hidden: int = 32, layers: int = 2, image_size: int = 224, patch_size: int = 32):  # fmt: skip
-    """A CLIPConfig small enough for CPU tests (same layout as ViT-H/14, a few hundred k params)."""
-    from transformers import CLIPConfig
-
-    text: dict[str, Any] = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                num_attention_heads=2, vocab_size=vocab_size, max_position_embeddings=77,
-                                hidden_act="gelu")  # fmt: skip
-    if bos_token_id is not None:
-        text.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
-    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch_size, hidden_act="gelu")  # fmt: skip
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden // 2)
-
-
-def write_tiny_clip_tokenizer(folder: str | os.PathLike[str]):
-    """Write a character-level CLIP BPE tokenizer (vocab.json, merges.txt) to ``folder``; return it.
-
-    Every byte maps to a token (and its end-of-word variant), so any text tokenizes; the special
-    tokens come last. For tests and the demo, where no real tokenizer can be downloaded.
-    """
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for ch in chars:
-        vocab[ch] = len(vocab)
-    for ch in chars:
-        vocab[ch + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-    tok.save_pretrained(folder)
-    return tok
-
-
-def tiny_spm_config(tokenizer) -> Any:
-    """A tiny CLIPConfig whose special-token ids match ``tokenizer`` (see write_tiny_clip_tokenizer)."""
-    return tiny_clip_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-
-
 # -------------------------------------------------------------------------------------------- the model
 
 
@@ -342,7 +263,7 @@ class StepAwarePreferenceModel(nn.Module):
 
     @classmethod
     def from_config(cls, clip_config, tokenizer, *, seed: int | None = 0) -> StepAwarePreferenceModel:
-        """A randomly initialised CLIP (e.g. :func:`tiny_spm_config`) at identity time conditioning."""
+        """A randomly initialised CLIP from ``clip_config`` at identity time conditioning."""
         from transformers import CLIPModel
 
         if seed is not None:
@@ -400,149 +321,18 @@ class StepAwarePreferenceModel(nn.Module):
         self.load_state_dict(sd, strict=True, assign=assign)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike[str],
-        *,
-        base: str | None = None,
-        processor: str | None = None,
-        dtype: str | torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-        local_files_only: bool | None = None,
-    ) -> StepAwarePreferenceModel:
-        """Load an SPM (hw folder, released .bin/.safetensors, hub file or alias) or a plain CLIP.
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **kw: Any) -> StepAwarePreferenceModel:
+        """Load an SPM or a plain CLIP; see :func:`pycore.spm.checkpoints.load_spm` for names and options."""
+        from pycore.spm.checkpoints import load_spm
 
-        ``base``: HF CLIP name/path whose config a released checkpoint was trained from
-        (default yuvalkirstain/PickScore_v1). ``processor``: where the tokenizer comes from
-        (default: the model's own folder/repo, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
-        """
-        dt = parse_dtype(dtype)
-        name = str(name_or_path)
-        name = ALIASES.get(name.lower(), name)
-        if local_files_only is None:
-            local_files_only = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        p = Path(name)
-        if p.is_dir() and (p / HW_META).is_file():
-            spm = cls._from_hw_folder(p, processor=processor, local_files_only=local_files_only)
-        elif p.is_file():
-            spm = cls._from_released_file(p, base=base, processor=processor, local_files_only=local_files_only)
-        elif p.is_dir():
-            spm = cls._from_plain_clip(str(p), processor=processor, local_files_only=local_files_only)
-        elif p.exists() or p.is_absolute() or name.startswith((".", "~")) or (
-            p.suffix in (".bin", ".safetensors", ".pt", ".pth") and name.count("/") < 2
-        ):
-            raise SPMLoadError(f"{name}: not an hw SPM folder, a checkpoint file or a CLIP model folder (no such file?)")
-        elif p.suffix in (".bin", ".safetensors", ".pt", ".pth"):  # a hub file: owner/repo/path/in/repo.bin
-            owner, repo, filename = name.split("/", 2)
-            local = _hub_file(f"{owner}/{repo}", filename, local_files_only)
-            spm = cls._from_released_file(Path(local), base=base, processor=processor, local_files_only=local_files_only)
-        else:
-            try:
-                meta = _hub_file(name, HW_META, local_files_only, missing_ok=True)
-            except SPMLoadError:
-                meta = None
-            if meta is not None:
-                from huggingface_hub import snapshot_download
-
-                folder = snapshot_download(name, local_files_only=local_files_only)
-                spm = cls._from_hw_folder(Path(folder), processor=processor, local_files_only=local_files_only)
-            else:
-                spm = cls._from_plain_clip(name, processor=processor, local_files_only=local_files_only)
-        spm = spm.to(dtype=dt)
-        if device is not None:
-            spm = spm.to(device)
-        return spm.eval()
-
-    @classmethod
-    def _from_hw_folder(cls, folder: Path, *, processor: str | None, local_files_only: bool = True) -> StepAwarePreferenceModel:
-        from safetensors.torch import load_file
-        from transformers import CLIPConfig
-
-        try:
-            meta = json.loads((folder / HW_META).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SPMLoadError(f"{folder / HW_META}: cannot read ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise SPMLoadError(f"{folder / HW_META}: not an hw step-aware preference model (format {meta.get('format')!r})")
-        config = CLIPConfig.from_dict(meta["clip_config"])
-        tokenizer = _load_tokenizer(str(folder), local_files_only=True) if processor is None else \
-            _load_tokenizer(processor, local_files_only=local_files_only)  # fmt: skip
-        weights = folder / WEIGHTS
-        if not weights.is_file():
-            raise SPMLoadError(f"{folder}: {WEIGHTS} is missing")
-        try:
-            sd = load_file(str(weights))
-        except Exception as e:  # safetensors raises its own error types
-            raise SPMLoadError(f"{weights}: cannot read safetensors ({e})") from None
-        spm = cls.from_state_dict(config, tokenizer, sd, source=str(weights))
-        spm.image_size = int(meta.get("image_size", spm.image_size))
-        spm.mean = tuple(meta.get("mean", spm.mean))
-        spm.std = tuple(meta.get("std", spm.std))
-        return spm
-
-    @classmethod
-    def _from_released_file(cls, path: Path, *, base: str | None, processor: str | None,
-                            local_files_only: bool) -> StepAwarePreferenceModel:  # fmt: skip
-        sd = load_checkpoint_file(path)
-        config = _load_clip_config(base or DEFAULT_BASE, local_files_only)
-        tokenizer = _load_tokenizer(processor or DEFAULT_PROCESSOR, local_files_only=local_files_only)
-        return cls.from_state_dict(config, tokenizer, sd, source=str(path))
-
-    @classmethod
-    def _from_plain_clip(cls, name: str, *, processor: str | None, local_files_only: bool) -> StepAwarePreferenceModel:
-        from transformers import CLIPModel
-
-        config = _load_clip_config(name, local_files_only)
-        try:
-            clip = CLIPModel.from_pretrained(name, config=config, local_files_only=local_files_only)
-        except OSError as e:
-            raise SPMLoadError(f"cannot load CLIP weights from {name}: {_first_line(e)}") from None
-        if processor is not None:
-            tokenizer = _load_tokenizer(processor, local_files_only=local_files_only)
-        else:
-            try:
-                tokenizer = _load_tokenizer(name, local_files_only=local_files_only)
-            except SPMLoadError:  # PickScore_v1 ships no tokenizer; it uses the laion ViT-H one
-                tokenizer = _load_tokenizer(DEFAULT_PROCESSOR, local_files_only=local_files_only)
-        return cls.from_clip(clip.eval(), tokenizer)
+        return load_spm(name_or_path, **kw)
 
     def save_pretrained(self, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None,
                         overwrite: bool = False) -> Path:  # fmt: skip
-        """Write ``hw_spm.json`` + ``model.safetensors`` (released-layout keys) + tokenizer files.
+        """Write an hw SPM folder; see :func:`pycore.spm.checkpoints.save_spm`."""
+        from pycore.spm.checkpoints import save_spm
 
-        Each file is written atomically into ``folder`` (created if needed); an existing model there
-        is only replaced with ``overwrite=True``.
-        """
-        import shutil
-        import tempfile
-
-        from safetensors.torch import save_file
-
-        from pycore.io import atomic_path, write_text_atomic
-
-        folder = Path(folder)
-        if (folder / HW_META).exists() and not overwrite:
-            raise HwError(f"{folder} already holds a model; pass --overwrite to replace it")
-        folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(folder / WEIGHTS) as tmp:
-            save_file(sd, str(tmp), metadata={"format": "pt"})
-        tok_tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=folder))
-        try:
-            self.tokenizer.save_pretrained(tok_tmp)
-            for f in tok_tmp.iterdir():
-                os.replace(f, folder / f.name)
-        finally:
-            shutil.rmtree(tok_tmp, ignore_errors=True)
-        meta = {"format": FORMAT, "version": 1, "clip_config": self.model.config.to_dict(),
-                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "layout": "released SPO keys (model.-prefixed HF CLIPModel keys + t_embedder/adaLN_modulation)"}  # fmt: skip
-        if extra:
-            meta["extra"] = extra
-        write_text_atomic(folder / HW_META, json.dumps(meta, indent=2, default=str))  # last: marks the folder complete
-        return folder
-
-    # ---- properties
+        return save_spm(self, folder, extra=extra, overwrite=overwrite)
 
     @property
     def device(self) -> torch.device:
@@ -643,84 +433,7 @@ class StepAwarePreferenceModel(nn.Module):
         decode_batch_size: int | None = None,
     ) -> torch.Tensor:
         """Decode scaled latents (x̂0) with ``vae`` and score them at ``timesteps``; no graph is kept."""
+        from pycore.diffusion.vae import decode_latents
+
         images = decode_latents(vae, latents, batch_size=decode_batch_size)
         return self.score(images, prompts, timesteps, text_embeds=text_embeds)
-
-
-@torch.no_grad()
-def decode_latents(vae: nn.Module, latents: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
-    """diffusers AutoencoderKL decode of scaled latents → images in [-1, 1] (vae dtype), in chunks."""
-    cfg = vae.config
-    scale = getattr(cfg, "scaling_factor", 1.0) or 1.0
-    shift = getattr(cfg, "shift_factor", None) or 0.0
-    vp = next(vae.parameters())
-    z = latents.to(device=vp.device, dtype=vp.dtype) / scale + shift
-    step = batch_size or z.shape[0]
-    outs = [vae.decode(z[i : i + step], return_dict=False)[0] for i in range(0, z.shape[0], step)]
-    return torch.cat(outs)
-
-
-def load_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
-    """A released checkpoint: pickle via ``torch.load(weights_only=True)`` or safetensors."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise SPMLoadError(f"{path}: cannot read safetensors ({_first_line(e)})") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything but tensors/containers, zip errors, ...
-        raise SPMLoadError(f"{path}: cannot load with torch.load(weights_only=True): {_first_line(e)}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise SPMLoadError(f"{path}: expected a dict of tensors (a state dict)")
-    return obj
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def _hub_file(repo: str, filename: str, local_files_only: bool, missing_ok: bool = False) -> str | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(repo, filename, local_files_only=local_files_only)
-    except EntryNotFoundError:
-        if missing_ok:
-            return None
-        raise SPMLoadError(f"{repo} has no file {filename}") from None
-    except LocalEntryNotFoundError:
-        if missing_ok:
-            return None
-        raise SPMLoadError(f"{repo}/{filename} is not in the local cache and downloads are off (HF_HUB_OFFLINE)") from None
-    except Exception as e:
-        if missing_ok:
-            return None
-        raise SPMLoadError(f"cannot fetch {repo}/{filename}: {_first_line(e)}") from None
-
-
-def _load_clip_config(name: str, local_files_only: bool):
-    from transformers import CLIPConfig
-
-    try:
-        cfg = CLIPConfig.from_pretrained(name, local_files_only=local_files_only)
-    except (OSError, ValueError) as e:
-        raise SPMLoadError(f"cannot load a CLIP config from {name}: {_first_line(e)}") from None
-    if getattr(cfg, "model_type", "") != "clip":
-        raise SPMLoadError(f"{name} is a {cfg.model_type!r} model, not a CLIP model")
-    return cfg
-
-
-def _load_tokenizer(name: str, *, local_files_only: bool):
-    from transformers import CLIPTokenizer
-
-    try:
-        return CLIPTokenizer.from_pretrained(name, local_files_only=local_files_only)
-    except (OSError, ValueError, TypeError) as e:
-        raise SPMLoadError(f"cannot load a CLIP tokenizer from {name}: {_first_line(e)}") from None

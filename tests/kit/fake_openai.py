@@ -12,7 +12,7 @@ it. A *fault plan* decides per (image id, attempt number) what happens instead:
 Every request is logged (image id, attempt, action) so tests can check that no image was
 captioned twice and no finished request was repeated.
 
-Run standalone (the benchmark does): python tests/fake_openai.py --latency 0.05 --fault-rate 0.05
+Run standalone (the benchmark and the demo do): python -m tests.kit.fake_openai (or python tests/kit/fake_openai.py) --latency 0.05 --fault-rate 0.05
 prints ``PORT <n>`` and serves until killed.
 """
 

@@ -6,8 +6,8 @@ Parquet file in it):
 * Pick-a-Pic style: ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes, or a struct with a
   ``bytes`` field as Hugging Face ``datasets`` writes it), ``label_0`` (1 = image 0 preferred,
   0 = image 1, 0.5 = tie; ``label_1`` is checked against it when present);
-* manifest form: ``prompt``, ``image_a``, ``image_b`` (file paths, relative ones resolved against
-  the table's folder), ``preferred`` (``a``/``b``/``tie``, or 0 = image_a, 1 = image_b, 0.5 = tie).
+* manifest form: ``prompt``, ``image_a``, ``image_b`` (file paths; relative ones are resolved
+  against the folder of the pairs file, not the working directory), ``preferred`` (``a``/``b``/``tie``, or 0 = image_a, 1 = image_b, 0.5 = tie).
 
 Rows that cannot be used (empty prompt, label out of range, missing image file or bytes) are
 skipped and counted by reason up front; a missing column is a one-line error. Images that fail to
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 MANIFEST_COLUMNS = ("prompt", "image_a", "image_b", "preferred")
@@ -77,12 +77,11 @@ def _read_table(path: Path):
             else:
                 frames.append(pl.read_parquet(f))
         except (pl.exceptions.PolarsError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PairsError(f"cannot read pairs file {f}: {first}") from None
+            raise PairsError(f"cannot read pairs file {f}: {first_line(e)}") from None
     try:
         return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
     except pl.exceptions.PolarsError as e:
-        raise PairsError(f"pairs files in {path} do not share a schema: {str(e).splitlines()[0]}") from None
+        raise PairsError(f"pairs files in {path} do not share a schema: {first_line(e)}") from None
 
 
 def _image_bytes(v: Any) -> bytes | None:
@@ -259,50 +258,3 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
         "prompts": [it["prompt"] for it in items],
         "skipped_rows": [r for it in items for r in it["skipped_rows"]],
     }
-
-
-def read_image_tensor(path: str):
-    """A file → [3, H, W] fp32 tensor in [-1, 1] (EXIF orientation applied, RGB)."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
-    arr = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def score_files(model, paths: list[str], prompts: list[str | None], *, timestep: int = 0, batch_size: int = 16,
-                progress=None) -> tuple[list[float | None], list[str | None]]:  # fmt: skip
-    """Score image files against prompts with an SPM at ``timestep``; per row a score or a reason."""
-    import torch
-
-    scores: list[float | None] = [None] * len(paths)
-    errors: list[str | None] = [None] * len(paths)
-    todo: list[int] = []
-    for i, p in enumerate(prompts):
-        if p is None or (isinstance(p, str) and not p.strip()):
-            errors[i] = "no prompt"
-        else:
-            todo.append(i)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        imgs, keep = [], []
-        for i in chunk:
-            try:
-                imgs.append(read_image_tensor(paths[i]))
-                keep.append(i)
-            except (ImageDecodeError, OSError) as e:
-                errors[i] = str(e)
-        if keep:
-            with torch.inference_mode():
-                s = model.score(imgs, [prompts[i] for i in keep], timestep)
-            for i, v in zip(keep, s.float().cpu().tolist(), strict=True):
-                scores[i] = float(v)
-        if progress is not None:
-            progress(len(chunk))
-    return scores, errors

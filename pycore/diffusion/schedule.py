@@ -1,4 +1,4 @@
-"""DDIM sampling math for SPO: timesteps, one stochastic step, and its Gaussian log-probability.
+"""The noise schedule and DDIM math: forward noising, x̂0, timesteps, one stochastic step and its log-probability.
 
 Matches diffusers' DDIMScheduler (``timestep_spacing="leading"``, ``steps_offset=1``,
 ``set_alpha_to_one=False``, ε-prediction) and the per-step log-probability used by SPO (and
@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from pycore.errors import HwError
 
 
 @dataclass(frozen=True)
@@ -94,3 +96,23 @@ def log_prob(x_prev: torch.Tensor, step: DDIMStep, reduction: str = "mean") -> t
     lp = -((x_prev.detach().float() - step.mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
     dims = tuple(range(1, lp.ndim))
     return lp.mean(dim=dims) if reduction == "mean" else lp.sum(dim=dims)
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward noising x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for per-sample timesteps (fp32 math, latents' dtype)."""
+    a = alphas_cumprod.to(latents.device)[timesteps.to(latents.device)].float().view(-1, *([1] * (latents.ndim - 1)))
+    return (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+
+
+def pred_original_sample(model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                         prediction_type: str = "epsilon") -> torch.Tensor:  # fmt: skip
+    """DDIM's x̂0 for per-sample timesteps (fp32), for ε-, v- or sample-prediction models."""
+    a = alphas_cumprod.to(sample.device)[timesteps.to(sample.device)].float().view(-1, *([1] * (sample.ndim - 1)))
+    x, m = sample.float(), model_output.float()
+    if prediction_type == "epsilon":
+        return (x - (1 - a).sqrt() * m) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * m
+    if prediction_type == "sample":
+        return m
+    raise HwError(f"unsupported prediction type {prediction_type!r}")

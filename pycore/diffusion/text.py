@@ -1,4 +1,4 @@
-"""Prompt conditioning for SPO: SDXL (two encoders, pooled projection, add_time_ids) and SD1.5.
+"""Prompt conditioning: SDXL (two encoders, pooled projection, add_time_ids) and SD1.5.
 
 SDXL, as diffusers' StableDiffusionXLPipeline.encode_prompt: each prompt is tokenized by both
 tokenizers (padded to 77); the penultimate hidden states of text_encoder (768) and
