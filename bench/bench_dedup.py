@@ -33,7 +33,7 @@ from PIL import Image, ImageEnhance
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pycore import _rust  # noqa: E402
-from pycore import dedup as dd  # noqa: E402
+from pycore.curation import dedup as dd  # noqa: E402
 
 SK_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "immunohistochemistry",
              "retina", "moon", "coins", "stereo_motorcycle", "clock"]  # fmt: skip

@@ -13,15 +13,27 @@
 
 use crate::error::{Error, IoResultExt, Result};
 use crate::phash::Luma;
+use crate::quality::{ColorAcc, Stats};
 use std::os::raw::{c_char, c_int, c_uchar, c_ulong, c_void};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[inline]
 fn l24(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
-fn rgb_to_luma(px: &[u8], channels: usize) -> Vec<u8> {
+fn rgb_to_luma(px: &[u8], channels: usize, acc: Option<&mut ColorAcc>) -> Vec<u8> {
+    if let Some(acc) = acc {
+        // With colour statistics: one pass gathers both (see `quality`).
+        return px
+            .chunks_exact(channels)
+            .map(|p| {
+                acc.add(p[0], p[1], p[2]);
+                l24(p[0], p[1], p[2])
+            })
+            .collect();
+    }
     if channels == 4 {
         // 4-byte pixels: one u32 load each, which the compiler vectorises.
         return px
@@ -46,13 +58,17 @@ fn muldiv255(a: u32, b: u32) -> u32 {
 }
 
 /// Pillow's `cmyk2rgb` then luma, from the inverted ("CMYK;I") stored values.
-fn cmyk_inverted_to_luma(px: &[u8]) -> Vec<u8> {
+fn cmyk_inverted_to_luma(px: &[u8], mut acc: Option<&mut ColorAcc>) -> Vec<u8> {
     px.chunks_exact(4)
         .map(|p| {
             let (c, m, y, k) = (255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]);
             let nk = 255 - k as i32;
             let ch = |v: u8| (nk - muldiv255(v as u32, nk as u32) as i32).clamp(0, 255) as u8;
-            l24(ch(c), ch(m), ch(y))
+            let (r, g, b) = (ch(c), ch(m), ch(y));
+            if let Some(a) = acc.as_deref_mut() {
+                a.add(r, g, b);
+            }
+            l24(r, g, b)
         })
         .collect()
 }
@@ -154,8 +170,13 @@ fn scaled(dim: c_int, num: c_int, denom: c_int) -> c_int {
 }
 
 /// Decode a JPEG to luma. `scale_min_side`: decode at the smallest 1/2^k scale (k ≤ 3) whose
-/// sides are both ≥ this (fast mode); None = full size (exact mode).
-pub fn decode_jpeg(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
+/// sides are both ≥ this (fast mode); None = full size (exact mode). With `acc`, the colour
+/// sums of the decoded RGB pixels are gathered on the way (see `quality`).
+pub fn decode_jpeg(
+    bytes: &[u8],
+    scale_min_side: Option<u32>,
+    acc: Option<&mut ColorAcc>,
+) -> Result<Luma> {
     TJ.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -231,16 +252,21 @@ pub fn decode_jpeg(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
             }
         }
         let data = match ch {
-            1 => buf,
-            4 if pf == TJPF_RGBX => rgb_to_luma(&buf, 4),
-            _ => cmyk_inverted_to_luma(&buf),
+            1 => {
+                if let Some(a) = acc {
+                    a.add_gray(buf.len() as u64);
+                }
+                buf
+            }
+            4 if pf == TJPF_RGBX => rgb_to_luma(&buf, 4, acc),
+            _ => cmyk_inverted_to_luma(&buf, acc),
         };
         Ok(Luma::new(sw as usize, sh as usize, data))
     })
 }
 
 /// Decode a PNG to luma the way Pillow opens it and converts it to "L".
-pub fn decode_png(bytes: &[u8]) -> Result<Luma> {
+pub fn decode_png(bytes: &[u8], mut acc: Option<&mut ColorAcc>) -> Result<Luma> {
     use png::{BitDepth, ColorType, Transformations};
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(Transformations::EXPAND);
@@ -286,9 +312,22 @@ pub fn decode_png(bytes: &[u8]) -> Result<Luma> {
                 }))
             }
             (ColorType::Grayscale | ColorType::GrayscaleAlpha, _) => out.extend(px.map(|p| p[0])),
-            (ColorType::Rgb | ColorType::Rgba, 1) => out.extend(px.map(|p| l24(p[0], p[1], p[2]))),
-            (ColorType::Rgb | ColorType::Rgba, _) => out.extend(px.map(|p| l24(p[0], p[2], p[4]))),
+            (ColorType::Rgb | ColorType::Rgba, _) => {
+                let hi = if bpp == 1 { [0, 1, 2] } else { [0, 2, 4] };
+                out.extend(px.map(|p| {
+                    let (r, g, b) = (p[hi[0]], p[hi[1]], p[hi[2]]);
+                    if let Some(a) = acc.as_deref_mut() {
+                        a.add(r, g, b);
+                    }
+                    l24(r, g, b)
+                }))
+            }
             _ => return Err(Error::Unsupported(format!("PNG colour type {ct:?}"))),
+        }
+    }
+    if matches!(ct, ColorType::Grayscale | ColorType::GrayscaleAlpha) {
+        if let Some(a) = acc {
+            a.add_gray((w * h) as u64);
         }
     }
     Ok(Luma::new(w, h, out))
@@ -307,6 +346,15 @@ pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
 
 /// Decode bytes (JPEG or PNG) to luma. Other formats are `Error::Unsupported`.
 pub fn decode_bytes(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
+    decode_bytes_with(bytes, scale_min_side, None)
+}
+
+/// [`decode_bytes`], gathering the colour sums into `acc` when given.
+pub fn decode_bytes_with(
+    bytes: &[u8],
+    scale_min_side: Option<u32>,
+    acc: Option<&mut ColorAcc>,
+) -> Result<Luma> {
     if bytes.is_empty() {
         return Err(Error::Io {
             kind: "empty",
@@ -314,8 +362,8 @@ pub fn decode_bytes(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
         });
     }
     match sniff(bytes) {
-        Some("jpeg") => decode_jpeg(bytes, scale_min_side),
-        Some("png") => decode_png(bytes),
+        Some("jpeg") => decode_jpeg(bytes, scale_min_side, acc),
+        Some("png") => decode_png(bytes, acc),
         _ => Err(Error::Unsupported(
             "not a JPEG or PNG (decoded by the Pillow fallback)".into(),
         )),
@@ -328,20 +376,50 @@ pub fn decode_file(path: &Path, scale_min_side: Option<u32>) -> Result<Luma> {
     decode_bytes(&bytes, scale_min_side)
 }
 
-/// (phash, dhash) of each file, in parallel (in the caller's rayon pool), in input order.
+/// What one file gives: its hashes and, when asked, its quality statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hashed {
+    pub phash: u64,
+    pub dhash: u64,
+    pub stats: Option<Stats>,
+}
+
+/// Hash (and with `stats`, measure) one file from a single decode.
+pub fn hash_file(path: &Path, scale_min_side: Option<u32>, stats: bool) -> Result<Hashed> {
+    let bytes = std::fs::read(path).ctx(&path.display().to_string())?;
+    let mut acc = ColorAcc::default();
+    let l = decode_bytes_with(&bytes, scale_min_side, stats.then_some(&mut acc))?;
+    if l.width == 0 || l.height == 0 {
+        return Err(Error::Corrupt("image has a zero size".into()));
+    }
+    let st = stats.then(|| {
+        let jpeg = (sniff(&bytes) == Some("jpeg")).then_some(&bytes[..]);
+        crate::quality::stats(&l.data, l.width, l.height, &acc, jpeg)
+    });
+    Ok(Hashed {
+        phash: crate::phash::phash(&l),
+        dhash: crate::phash::dhash(&l),
+        stats: st,
+    })
+}
+
+/// [`hash_file`] of each path, in parallel (in the caller's rayon pool), in input order.
+/// Workers check `cancel` before each file; once it is set, the remaining files are skipped
+/// (their results are `Error::InvalidInput("cancelled")` and the caller discards the run).
 pub fn hash_files(
     paths: &[std::path::PathBuf],
     scale_min_side: Option<u32>,
-) -> Vec<Result<(u64, u64)>> {
+    stats: bool,
+    cancel: &AtomicBool,
+) -> Vec<Result<Hashed>> {
     use rayon::prelude::*;
     paths
         .par_iter()
         .map(|p| {
-            let l = decode_file(p, scale_min_side)?;
-            if l.width == 0 || l.height == 0 {
-                return Err(Error::Corrupt("image has a zero size".into()));
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::InvalidInput("cancelled".into()));
             }
-            Ok((crate::phash::phash(&l), crate::phash::dhash(&l)))
+            hash_file(p, scale_min_side, stats)
         })
         .collect()
 }

@@ -10,6 +10,7 @@ pub mod header;
 pub mod mih;
 pub mod phash;
 pub mod pool;
+pub mod quality;
 pub mod scan;
 pub mod walk;
 

@@ -1,0 +1,1 @@
+"""Curation: scanning, bucket tables and assignment, the batch sampler, and dedup."""
