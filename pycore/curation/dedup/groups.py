@@ -51,12 +51,18 @@ def _keep_order(frame: pl.DataFrame, opts: DedupOptions) -> pl.DataFrame:
         keys.append(pl.col(opts.keep_by))
         desc.append(not opts.keep_ascending)
     cols = frame.columns
-    area = (pl.col("width").cast(pl.Int64) * pl.col("height").cast(pl.Int64)) if "width" in cols else pl.lit(0)
-    camera = pl.col("format").is_in(CAMERA_FORMATS) if "format" in cols else pl.lit(False)
-    quality = pl.col("q_jpeg_quality").cast(pl.Int32) if "q_jpeg_quality" in cols else pl.lit(0)
-    mtime = pl.col("mtime") if "mtime" in cols else pl.lit(0.0)
-    keys += [area.alias("_area"), camera.alias("_camera"), quality.alias("_q"), mtime.alias("_mtime"), pl.col("path")]
-    desc += [True, True, True, False, False]
+    if "width" in cols and "height" in cols:
+        keys.append((pl.col("width").cast(pl.Int64) * pl.col("height").cast(pl.Int64)).alias("_area"))
+        desc.append(True)
+    if "format" in cols:
+        keys.append(pl.col("format").is_in(CAMERA_FORMATS).alias("_camera"))
+        desc.append(True)
+    for c, d in (("q_jpeg_quality", True), ("mtime", False)):
+        if c in cols:
+            keys.append(pl.col(c))
+            desc.append(d)
+    keys.append(pl.col("path"))
+    desc.append(False)
     return frame.sort(keys, descending=desc, nulls_last=True)
 
 

@@ -149,8 +149,8 @@ RULES = (
     FlagRule("blurry", "q_sharpness", True, None, True, "sharpness well below the set's"),
     FlagRule("underexposed", "q_luma_mean", True, 60.0, help="mean luma low"),
     FlagRule("overexposed", "q_luma_mean", False, 195.0, help="mean luma high"),
-    FlagRule("crushed_shadows", "q_clip_low", False, 0.10, help="share of pixels at luma ≤ 5"),
-    FlagRule("blown_highlights", "q_clip_high", False, 0.10, help="share of pixels at luma ≥ 250"),
+    FlagRule("crushed_shadows", "q_clip_low", False, 0.25, help="share of pixels at luma ≤ 5"),
+    FlagRule("blown_highlights", "q_clip_high", False, 0.25, help="share of pixels at luma ≥ 250"),
     FlagRule("low_contrast", "q_luma_std", True, 30.0, help="luma standard deviation low"),
     FlagRule("low_jpeg_quality", "q_jpeg_quality", True, 50.0, help="estimated JPEG quality low"),
 )
