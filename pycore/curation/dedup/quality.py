@@ -137,22 +137,27 @@ def pillow_stats(path: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class FlagRule:
+    """A flag: ``column`` below (``low``) or above the threshold. The default threshold is the
+    set's robust bound clamped between ``never`` (a value not past it is never flagged: keeps a
+    tight, healthy set from being half flagged) and ``always`` (a value past it is always flagged:
+    keeps a very mixed set from flagging nothing); None = unclamped on that side."""
+
     reason: str
     column: str
-    low: bool  #: flag values below the threshold (else above)
-    guard: float | None  #: absolute guard combined with the robust bound (None: robust only)
+    low: bool
+    never: float | None
+    always: float | None
     log: bool = False  #: robust statistics on log1p(value)
-    help: str = ""
 
 
 RULES = (
-    FlagRule("blurry", "q_sharpness", True, None, True, "sharpness well below the set's"),
-    FlagRule("underexposed", "q_luma_mean", True, 60.0, help="mean luma low"),
-    FlagRule("overexposed", "q_luma_mean", False, 195.0, help="mean luma high"),
-    FlagRule("crushed_shadows", "q_clip_low", False, 0.25, help="share of pixels at luma ≤ 5"),
-    FlagRule("blown_highlights", "q_clip_high", False, 0.25, help="share of pixels at luma ≥ 250"),
-    FlagRule("low_contrast", "q_luma_std", True, 30.0, help="luma standard deviation low"),
-    FlagRule("low_jpeg_quality", "q_jpeg_quality", True, 50.0, help="estimated JPEG quality low"),
+    FlagRule("blurry", "q_sharpness", True, None, None, log=True),
+    FlagRule("underexposed", "q_luma_mean", True, 60.0, 30.0),
+    FlagRule("overexposed", "q_luma_mean", False, 195.0, 225.0),
+    FlagRule("crushed_shadows", "q_clip_low", False, 0.25, 0.5),
+    FlagRule("blown_highlights", "q_clip_high", False, 0.25, 0.5),
+    FlagRule("low_contrast", "q_luma_std", True, 30.0, 12.0),
+    FlagRule("low_jpeg_quality", "q_jpeg_quality", True, 50.0, 30.0),
 )
 REASONS = tuple(r.reason for r in RULES) + ("grayscale",)
 
@@ -210,17 +215,23 @@ def thresholds_for(frame: pl.DataFrame, th: QualityThresholds) -> dict[str, dict
         ok = (frame["status"] == "ok") & frame[r.column].is_not_null()
         vals = frame.filter(ok)[r.column].cast(pl.Float64).to_numpy()
         b = robust_bound(vals, th.z, r.low, r.log)
-        if b is None and r.guard is None:
+        t, src = _clamp(r, b, th.z)
+        if t is None:
             continue
-        if b is None:
-            t, src = r.guard, "absolute guard (no spread in the set)"
-        elif r.guard is None:
-            t, src = b, f"median {'−' if r.low else '+'} {th.z:g} robust σ"
-        else:
-            t = min(b, r.guard) if r.low else max(b, r.guard)
-            src = f"median {'−' if r.low else '+'} {th.z:g} robust σ" if t == b else "absolute guard"
         out[r.reason] = {"threshold": float(t), "source": src, "column": r.column, "direction": direction}  # type: ignore[arg-type]
     return out
+
+
+def _clamp(r: FlagRule, b: float | None, z: float) -> tuple[float | None, str]:
+    """The default threshold of rule ``r`` from the robust bound ``b`` and how it was chosen."""
+    if b is None:
+        return r.never, "fixed limit (no spread in the set)"
+    lo, hi = (r.always, r.never) if r.low else (r.never, r.always)
+    if lo is not None and b < lo:
+        return lo, f"fixed limit ({'always' if r.low else 'never'} flag past {lo:g})"
+    if hi is not None and b > hi:
+        return hi, f"fixed limit ({'never' if r.low else 'always'} flag past {hi:g})"
+    return b, f"median {'−' if r.low else '+'} {z:g} robust σ"
 
 
 def quality_flags(frame: pl.DataFrame, th: QualityThresholds) -> tuple[pl.DataFrame, dict[str, Any]]:
