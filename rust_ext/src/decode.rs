@@ -23,17 +23,7 @@ fn l24(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
-fn rgb_to_luma(px: &[u8], channels: usize, acc: Option<&mut ColorAcc>) -> Vec<u8> {
-    if let Some(acc) = acc {
-        // With colour statistics: one pass gathers both (see `quality`).
-        return px
-            .chunks_exact(channels)
-            .map(|p| {
-                acc.add(p[0], p[1], p[2]);
-                l24(p[0], p[1], p[2])
-            })
-            .collect();
-    }
+fn rgb_to_luma(px: &[u8], channels: usize) -> Vec<u8> {
     if channels == 4 {
         // 4-byte pixels: one u32 load each, which the compiler vectorises.
         return px
@@ -58,19 +48,40 @@ fn muldiv255(a: u32, b: u32) -> u32 {
 }
 
 /// Pillow's `cmyk2rgb` then luma, from the inverted ("CMYK;I") stored values.
-fn cmyk_inverted_to_luma(px: &[u8], mut acc: Option<&mut ColorAcc>) -> Vec<u8> {
+fn cmyk_inverted_to_luma(px: &[u8]) -> Vec<u8> {
     px.chunks_exact(4)
         .map(|p| {
-            let (c, m, y, k) = (255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]);
-            let nk = 255 - k as i32;
-            let ch = |v: u8| (nk - muldiv255(v as u32, nk as u32) as i32).clamp(0, 255) as u8;
-            let (r, g, b) = (ch(c), ch(m), ch(y));
-            if let Some(a) = acc.as_deref_mut() {
-                a.add(r, g, b);
-            }
+            let (r, g, b) = cmyk_inverted_rgb(p);
             l24(r, g, b)
         })
         .collect()
+}
+
+/// Pillow's `cmyk2rgb` of one inverted ("CMYK;I") pixel.
+#[inline]
+fn cmyk_inverted_rgb(p: &[u8]) -> (u8, u8, u8) {
+    let (c, m, y, k) = (255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]);
+    let nk = 255 - k as i32;
+    let ch = |v: u8| (nk - muldiv255(v as u32, nk as u32) as i32).clamp(0, 255) as u8;
+    (ch(c), ch(m), ch(y))
+}
+
+/// Colour sums over the statistics grid (`quality::grid_step`) of `h` rows of `w` pixels of
+/// `bytes_pp` bytes each, `stride` bytes apart; `rgb` reads one pixel.
+fn grid_color(
+    px: &[u8],
+    (w, h, stride, bytes_pp): (usize, usize, usize, usize),
+    acc: &mut ColorAcc,
+    rgb: impl Fn(&[u8]) -> (u8, u8, u8),
+) {
+    let k = crate::quality::grid_step(w, h);
+    for y in (0..h).step_by(k) {
+        let row = &px[y * stride..];
+        for x in (0..w).step_by(k) {
+            let (r, g, b) = rgb(&row[x * bytes_pp..(x + 1) * bytes_pp]);
+            acc.add(r, g, b);
+        }
+    }
 }
 
 /// Pillow refuses images above twice its bomb limit (DecompressionBombError); so do we.
@@ -251,22 +262,26 @@ pub fn decode_jpeg(
                 });
             }
         }
-        let data = match ch {
-            1 => {
-                if let Some(a) = acc {
-                    a.add_gray(buf.len() as u64);
-                }
-                buf
+        let (sw, sh) = (sw as usize, sh as usize);
+        if let Some(a) = acc {
+            let dims = (sw, sh, sw * ch, ch);
+            match ch {
+                1 => a.add_gray(crate::quality::grid_points(sw, sh)),
+                4 if pf == TJPF_RGBX => grid_color(&buf, dims, a, |p| (p[0], p[1], p[2])),
+                _ => grid_color(&buf, dims, a, cmyk_inverted_rgb),
             }
-            4 if pf == TJPF_RGBX => rgb_to_luma(&buf, 4, acc),
-            _ => cmyk_inverted_to_luma(&buf, acc),
+        }
+        let data = match ch {
+            1 => buf,
+            4 if pf == TJPF_RGBX => rgb_to_luma(&buf, 4),
+            _ => cmyk_inverted_to_luma(&buf),
         };
-        Ok(Luma::new(sw as usize, sh as usize, data))
+        Ok(Luma::new(sw, sh, data))
     })
 }
 
 /// Decode a PNG to luma the way Pillow opens it and converts it to "L".
-pub fn decode_png(bytes: &[u8], mut acc: Option<&mut ColorAcc>) -> Result<Luma> {
+pub fn decode_png(bytes: &[u8], acc: Option<&mut ColorAcc>) -> Result<Luma> {
     use png::{BitDepth, ColorType, Transformations};
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(Transformations::EXPAND);
@@ -312,22 +327,18 @@ pub fn decode_png(bytes: &[u8], mut acc: Option<&mut ColorAcc>) -> Result<Luma> 
                 }))
             }
             (ColorType::Grayscale | ColorType::GrayscaleAlpha, _) => out.extend(px.map(|p| p[0])),
-            (ColorType::Rgb | ColorType::Rgba, _) => {
-                let hi = if bpp == 1 { [0, 1, 2] } else { [0, 2, 4] };
-                out.extend(px.map(|p| {
-                    let (r, g, b) = (p[hi[0]], p[hi[1]], p[hi[2]]);
-                    if let Some(a) = acc.as_deref_mut() {
-                        a.add(r, g, b);
-                    }
-                    l24(r, g, b)
-                }))
-            }
+            (ColorType::Rgb | ColorType::Rgba, 1) => out.extend(px.map(|p| l24(p[0], p[1], p[2]))),
+            (ColorType::Rgb | ColorType::Rgba, _) => out.extend(px.map(|p| l24(p[0], p[2], p[4]))),
             _ => return Err(Error::Unsupported(format!("PNG colour type {ct:?}"))),
         }
     }
-    if matches!(ct, ColorType::Grayscale | ColorType::GrayscaleAlpha) {
-        if let Some(a) = acc {
-            a.add_gray((w * h) as u64);
+    if let Some(a) = acc {
+        if matches!(ct, ColorType::Grayscale | ColorType::GrayscaleAlpha) {
+            a.add_gray(crate::quality::grid_points(w, h));
+        } else {
+            let dims = (w, h, stride, channels * bpp);
+            let hi = if bpp == 1 { [0, 1, 2] } else { [0, 2, 4] };
+            grid_color(&buf, dims, a, |p| (p[hi[0]], p[hi[1]], p[hi[2]]));
         }
     }
     Ok(Luma::new(w, h, out))

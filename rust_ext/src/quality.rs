@@ -5,10 +5,13 @@
 //!   shorter side is [`WORK_SIDE`] (images already smaller are used as they are, never
 //!   upscaled); on that f32 image, the population variance of the 4-neighbour Laplacian
 //!   `L[y-1][x] + L[y+1][x] + L[y][x-1] + L[y][x+1] - 4 L[y][x]` over the interior pixels.
-//! - `luma_mean`, `luma_std`: mean and population standard deviation of the decoded luma.
-//! - `clip_low`, `clip_high`: fraction of luma pixels ≤ [`CLIP_LOW`] and ≥ [`CLIP_HIGH`].
+//! - The other statistics are taken over the *statistics grid* of the decoded image: the pixels
+//!   whose row and column are both multiples of `k = max(1, ⌊shorter side / GRID_ROWS⌋)` (at
+//!   least [`GRID_ROWS`] rows and columns of samples; a few thousand pixels, whatever the size).
+//! - `luma_mean`, `luma_std`: mean and population standard deviation of the luma on the grid.
+//! - `clip_low`, `clip_high`: fraction of grid luma ≤ [`CLIP_LOW`] and ≥ [`CLIP_HIGH`].
 //! - `colorfulness` (Hasler & Süsstrunk 2003): with rg = R − G and yb = (R + G)/2 − B over the
-//!   decoded RGB pixels, `sqrt(σ_rg² + σ_yb²) + 0.3 · sqrt(μ_rg² + μ_yb²)` (population σ).
+//!   grid's RGB pixels, `sqrt(σ_rg² + σ_yb²) + 0.3 · sqrt(μ_rg² + μ_yb²)` (population σ).
 //! - `chroma`: mean over pixels of max(R, G, B) − min(R, G, B); `grayscale` is chroma ≤
 //!   [`GRAY_CHROMA`].
 //! - `jpeg_quality`: the IJG quality 1..100 whose standard tables (scaled as libjpeg's
@@ -18,6 +21,20 @@
 /// Shorter side of the working image for `sharpness` (the fast hash mode's smallest decoded
 /// side, so both hash modes measure on the same working size).
 pub const WORK_SIDE: usize = 128;
+/// The statistics grid has at least this many rows and columns (see the module docs).
+pub const GRID_ROWS: usize = 64;
+
+/// The grid step of a `w`×`h` image.
+pub fn grid_step(w: usize, h: usize) -> usize {
+    (w.min(h) / GRID_ROWS).max(1)
+}
+
+/// Pixels on the grid of a `w`×`h` image.
+pub fn grid_points(w: usize, h: usize) -> u64 {
+    let k = grid_step(w, h);
+    (w.div_ceil(k) * h.div_ceil(k)) as u64
+}
+
 /// Luma at or below this counts as a crushed shadow.
 pub const CLIP_LOW: u8 = 5;
 /// Luma at or above this counts as a blown highlight.
@@ -103,10 +120,13 @@ pub fn stats(
     jpeg: Option<&[u8]>,
 ) -> Stats {
     let mut hist = [0u64; 256];
-    for &v in luma {
-        hist[v as usize] += 1;
+    let k = grid_step(width, height);
+    for y in (0..height).step_by(k) {
+        for &v in luma[y * width..(y + 1) * width].iter().step_by(k) {
+            hist[v as usize] += 1;
+        }
     }
-    let n = luma.len().max(1) as f64;
+    let n = hist.iter().sum::<u64>().max(1) as f64;
     let (mut s, mut s2) = (0f64, 0f64);
     for (v, &c) in hist.iter().enumerate() {
         let (v, c) = (v as f64, c as f64);
@@ -165,26 +185,22 @@ pub fn working_image(luma: &[u8], w: usize, h: usize) -> (Vec<f32>, usize, usize
     }
     let wx = area_weights(w, ow);
     let wy = area_weights(h, oh);
-    let mut tmp = vec![0f32; ow * h];
-    for y in 0..h {
-        let row = &luma[y * w..(y + 1) * w];
-        let out = &mut tmp[y * ow..(y + 1) * ow];
-        for (o, (first, ws)) in out.iter_mut().zip(&wx) {
-            *o = row[*first..]
-                .iter()
-                .zip(ws)
-                .map(|(&p, &k)| p as f32 * k)
-                .sum();
+    // Vertical pass first, along whole rows (vectorises), then the horizontal one on `oh` rows.
+    let mut tmp = vec![0f32; w * oh];
+    for (yy, (first, ws)) in wy.iter().enumerate() {
+        let dst = &mut tmp[yy * w..(yy + 1) * w];
+        for (k, &wk) in ws.iter().enumerate() {
+            let src = &luma[(first + k) * w..(first + k + 1) * w];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d += v as f32 * wk;
+            }
         }
     }
     let mut out = vec![0f32; ow * oh];
-    for (yy, (first, ws)) in wy.iter().enumerate() {
-        let dst = &mut out[yy * ow..(yy + 1) * ow];
-        for (k, &wk) in ws.iter().enumerate() {
-            let src = &tmp[(first + k) * ow..(first + k + 1) * ow];
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d += v * wk;
-            }
+    for yy in 0..oh {
+        let row = &tmp[yy * w..(yy + 1) * w];
+        for (o, (first, ws)) in out[yy * ow..(yy + 1) * ow].iter_mut().zip(&wx) {
+            *o = row[*first..].iter().zip(ws).map(|(&p, &k)| p * k).sum();
         }
     }
     (out, ow, oh)

@@ -24,6 +24,9 @@ from pycore.checks import check_float
 
 #: Shorter side of the working image for sharpness (never upscaled) — rust_ext/src/quality.rs.
 WORK_SIDE = 128
+#: The statistics grid (every k-th row and column, k = max(1, shorter side // GRID_ROWS)) on which
+#: the luma and colour statistics are taken.
+GRID_ROWS = 64
 CLIP_LOW = 5
 CLIP_HIGH = 250
 GRAY_CHROMA = 2.0
@@ -86,18 +89,26 @@ def colorfulness(rgb: np.ndarray) -> float:
     return float(math.hypot(rg.std(), yb.std()) + 0.3 * math.hypot(rg.mean(), yb.mean()))
 
 
+def grid_step(h: int, w: int) -> int:
+    return max(1, min(h, w) // GRID_ROWS)
+
+
 def image_stats(rgb: np.ndarray, jpeg_quality: int | None = None) -> dict[str, Any]:
-    """Every statistic of an RGB (H×W×3) or gray (H×W) uint8 image, keyed by column name."""
+    """Every statistic of an RGB (H×W×3) or gray (H×W) uint8 image, keyed by column name:
+    sharpness on the whole luma, the others on the statistics grid."""
+    k = grid_step(*rgb.shape[:2])
     if rgb.ndim == 2:
         luma, chroma, cf = rgb, 0.0, 0.0
     else:
         rgb = rgb[..., :3]
         luma = pillow_luma(rgb)
-        chroma = float((rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1)).mean())
-        cf = colorfulness(rgb)
-    lf = luma.astype(np.float64)
+        g = rgb[::k, ::k]
+        chroma = float((g.max(axis=-1).astype(np.int16) - g.min(axis=-1)).mean())
+        cf = colorfulness(g)
+    grid = luma[::k, ::k]
+    lf = grid.astype(np.float64)
     return {"q_sharpness": sharpness(luma), "q_luma_mean": float(lf.mean()), "q_luma_std": float(lf.std()),
-            "q_clip_low": float((luma <= CLIP_LOW).mean()), "q_clip_high": float((luma >= CLIP_HIGH).mean()),
+            "q_clip_low": float((grid <= CLIP_LOW).mean()), "q_clip_high": float((grid >= CLIP_HIGH).mean()),
             "q_colorfulness": cf, "q_grayscale": chroma <= GRAY_CHROMA, "q_jpeg_quality": jpeg_quality}  # fmt: skip
 
 
