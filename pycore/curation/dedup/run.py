@@ -104,7 +104,7 @@ class DedupResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
-def check_apply_target(action: str, folder: Path, frame_paths: list[str] | None = None) -> None:
+def check_apply_target(action: str, folder: Path) -> None:
     """The --apply folder can be created or written (checked before any work)."""
     p = folder
     while not p.exists():
