@@ -18,7 +18,7 @@ from skimage import data as skdata
 from pycore import _rust
 from pycore.curation import dedup as dd
 from pycore.errors import HwError
-from pycore.manifest import read_manifest, write_manifest
+from pycore.manifest import read_manifest, read_metadata, write_manifest
 from tests.conftest import SAMPLE
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field", "retina"]
@@ -391,6 +391,9 @@ def test_clip_method_with_tiny_model(manifest, tmp_path, monkeypatch):
     assert got == want
     kept = ok.filter(pl.col("keep") & pl.col("dup_group").is_not_null())
     assert (kept["dup_similarity"] > 0.999).all()
+    # outliers come from the same embeddings (k-NN cosine), ranked 1..n over the ok rows
+    assert sorted(ok["q_outlier_rank"].to_list()) == list(range(1, ok.height + 1))
+    assert read_metadata(out)["dedup_outlier_method"].startswith("clip-knn")
 
 
 def test_html_review_escapes_names(tmp_path, hw):

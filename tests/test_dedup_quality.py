@@ -285,3 +285,19 @@ def test_fast_mode_statistics_close_to_exact(photos):
         assert abs(a["q_luma_mean"] - b["q_luma_mean"]) < 2.0, p
         assert 0.3 < (b["q_sharpness"] + 1) / (a["q_sharpness"] + 1) < 3.0, p
         assert a["q_jpeg_quality"] == b["q_jpeg_quality"]
+
+
+def test_knn_outlier_score_ranks_the_far_point_first():
+    from pycore.curation.dedup import outliers
+
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=16)
+    pts = centre + 0.05 * rng.normal(size=(30, 16))
+    pts = np.vstack([pts, -centre])  # one embedding pointing the other way
+    pts /= np.linalg.norm(pts, axis=1, keepdims=True)
+    sc = outliers.knn_scores(pts.astype(np.float32), k=5, block=7)  # blocks smaller than n
+    assert int(np.argmax(sc)) == 30 and sc[30] > 1.5 and sc[:30].max() < 0.05
+    # the hash-space surprisal: a row whose bits disagree with the majority scores highest
+    h = np.full(20, 0x0F0F0F0F0F0F0F0F, np.uint64)
+    h[7] = ~h[7]
+    assert int(np.argmax(outliers.hash_surprisal(h))) == 7
