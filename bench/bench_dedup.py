@@ -33,7 +33,7 @@ from PIL import Image, ImageEnhance
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pycore import _rust  # noqa: E402
-from pycore import dedup as dd  # noqa: E402
+from pycore.curation import dedup as dd  # noqa: E402
 
 SK_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "immunohistochemistry",
              "retina", "moon", "coins", "stereo_motorcycle", "clock"]  # fmt: skip
@@ -116,6 +116,133 @@ def bench_hashing(paths: list[Path]) -> dict:
         if k.startswith("hw_") and k.endswith("_s"):
             res[k.replace("_s", "_speedup")] = res["imagehash_phash_loop_s"] / res[k]
     return res
+
+
+def _floor_decode(strs: list[str], threads: int) -> float:
+    """The physical floor of the fast mode: libjpeg-turbo (PyTurboJPEG, the same system library
+    hw links) decoding every file at 1/8 scale, read from the page cache, over `threads` threads
+    (ctypes releases the GIL during the decode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import turbojpeg
+
+    local = __import__("threading").local()
+
+    def one(p: str) -> int:
+        tj = getattr(local, "tj", None) or turbojpeg.TurboJPEG()
+        local.tj = tj
+        with open(p, "rb") as f:
+            return tj.decode(f.read(), scaling_factor=(1, 8)).shape[0]
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(one, strs, chunksize=16))
+    return time.perf_counter() - t
+
+
+def bench_stats_cost(paths: list[Path], work: Path, rounds: int = 5) -> dict:
+    """Interleaved rounds, same run: the statistics' cost on the hashing call and on the whole
+    `hw dedup` (run_dedup in-process), and the fast mode against its physical floor."""
+    from cli.app import main as hw_main
+    from pycore.curation.dedup import DedupRequest, run_dedup
+    from pycore.limits import cpu_count
+
+    strs = [str(p) for p in paths]
+    manifest = work / "photos.parquet"
+    if not manifest.exists():
+        assert hw_main(["bucket", str(paths[0].parent), "--out", str(manifest)]) == 0
+    threads = cpu_count()
+    configs = {
+        "floor_turbojpeg_1_8": lambda: _floor_decode(strs, threads),
+        "hash_fast": lambda: _timed(lambda: _rust.perceptual_hashes(strs, fast_min_side=dd.FAST_MIN_SIDE)),
+        "hash_fast_stats": lambda: _timed(lambda: _rust.perceptual_hashes(strs, fast_min_side=dd.FAST_MIN_SIDE, stats=True)),
+        "hash_exact": lambda: _timed(lambda: _rust.perceptual_hashes(strs)),
+        "hash_exact_stats": lambda: _timed(lambda: _rust.perceptual_hashes(strs, stats=True)),
+        "dedup_exact_nostats": lambda: _timed(lambda: run_dedup(DedupRequest(manifest, work / "o1.parquet", stats=False, overwrite=True))),
+        "dedup_exact_stats": lambda: _timed(lambda: run_dedup(DedupRequest(manifest, work / "o2.parquet", overwrite=True))),
+        "dedup_fast_nostats": lambda: _timed(lambda: run_dedup(DedupRequest(manifest, work / "o3.parquet", hash_mode="fast", stats=False, overwrite=True))),
+        "dedup_fast_stats": lambda: _timed(lambda: run_dedup(DedupRequest(manifest, work / "o4.parquet", hash_mode="fast", overwrite=True))),
+    }  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    cpu: dict[str, list[float]] = {k: [] for k in configs}
+    _rust.perceptual_hashes(strs[:8])  # warm the pool and the page cache
+    _floor_decode(strs, threads)
+    for _ in range(rounds):
+        for k, f in configs.items():
+            c = time.process_time()
+            times[k].append(f())
+            cpu[k].append(time.process_time() - c)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    mcpu = {k: float(np.median(v)) for k, v in cpu.items()}
+    one = stats_cpu_per_image(strs)
+    floor = med["floor_turbojpeg_1_8"]
+    return {"photos": len(paths), "threads": threads, "rounds": rounds, "median_s": med, "all_s": times,
+            "median_cpu_s": mcpu, "all_cpu_s": cpu, "one_thread_cpu_ms_per_image": one,
+            "one_thread_stats_cost_exact": one["exact_stats"] / one["exact"] - 1,
+            "one_thread_stats_cost_fast": one["fast_stats"] / one["fast"] - 1,
+            "cpu_stats_cost_hash_exact": mcpu["hash_exact_stats"] / mcpu["hash_exact"] - 1,
+            "cpu_stats_cost_hash_fast": mcpu["hash_fast_stats"] / mcpu["hash_fast"] - 1,
+            "cpu_stats_cost_dedup_exact": mcpu["dedup_exact_stats"] / mcpu["dedup_exact_nostats"] - 1,
+            "cpu_stats_cost_dedup_fast": mcpu["dedup_fast_stats"] / mcpu["dedup_fast_nostats"] - 1,
+            "cpu_fast_share_of_floor": mcpu["floor_turbojpeg_1_8"] / mcpu["hash_fast"],
+            "cpu_fast_stats_share_of_floor": mcpu["floor_turbojpeg_1_8"] / mcpu["hash_fast_stats"],
+            "stats_cost_hash_exact": med["hash_exact_stats"] / med["hash_exact"] - 1,
+            "stats_cost_hash_fast": med["hash_fast_stats"] / med["hash_fast"] - 1,
+            "stats_cost_dedup_exact": med["dedup_exact_stats"] / med["dedup_exact_nostats"] - 1,
+            "stats_cost_dedup_fast": med["dedup_fast_stats"] / med["dedup_fast_nostats"] - 1,
+            "fast_share_of_floor": floor / med["hash_fast"],
+            "fast_stats_share_of_floor": floor / med["hash_fast_stats"]}  # fmt: skip
+
+
+def stats_cpu_per_image(strs: list[str], n: int = 400, repeats: int = 4) -> dict[str, float]:
+    """CPU milliseconds per image of the Rust hashing call on one thread, the minimum of
+    `repeats` interleaved runs: the statistics' own cost with the least noise from other jobs."""
+    part = strs[:n]
+    _rust.perceptual_hashes(part[:8], threads=1)
+    kws = {"fast": dict(fast_min_side=dd.FAST_MIN_SIDE), "fast_stats": dict(fast_min_side=dd.FAST_MIN_SIDE, stats=True),
+           "exact": {}, "exact_stats": dict(stats=True)}  # fmt: skip
+    t: dict[str, list[float]] = {k: [] for k in kws}
+    for _ in range(repeats):
+        for k, kw in kws.items():
+            c = time.process_time()
+            _rust.perceptual_hashes(part, threads=1, **kw)
+            t[k].append((time.process_time() - c) / len(part) * 1000)
+    return {k: float(min(v)) for k, v in t.items()}
+
+
+def _timed(f) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def stats_markdown(s: dict) -> str:
+    m = s["median_s"]
+    rows = [("libjpeg-turbo 1/8-scale decode, all cores (the floor)", "floor_turbojpeg_1_8"),
+            ("hw hashing, fast mode", "hash_fast"), ("hw hashing + statistics, fast mode", "hash_fast_stats"),
+            ("hw hashing, exact mode", "hash_exact"), ("hw hashing + statistics, exact mode", "hash_exact_stats"),
+            ("`hw dedup --no-stats` (exact)", "dedup_exact_nostats"), ("`hw dedup` (exact, statistics)", "dedup_exact_stats"),
+            ("`hw dedup --hash-mode fast --no-stats`", "dedup_fast_nostats"),
+            ("`hw dedup --hash-mode fast` (statistics)", "dedup_fast_stats")]  # fmt: skip
+    out = [f"### Quality statistics: cost, and the fast mode against its floor ({s['photos']} photos, "
+           f"{s['threads']} threads, median of {s['rounds']} interleaved rounds)", "",
+           "| run | wall s | CPU s (all threads) |", "|---|---|---|"]  # fmt: skip
+    out += [f"| {label} | {m[k]:.3f} | {s['median_cpu_s'][k]:.3f} |" for label, k in rows]
+    out += ["", f"- statistics cost: hashing exact {100 * s['stats_cost_hash_exact']:+.1f}%, fast "
+                f"{100 * s['stats_cost_hash_fast']:+.1f}%; whole `hw dedup` exact {100 * s['stats_cost_dedup_exact']:+.1f}%, "
+                f"fast {100 * s['stats_cost_dedup_fast']:+.1f}%",
+            f"- fast mode reaches {100 * s['fast_share_of_floor']:.0f}% of the floor without statistics, "
+            f"{100 * s['fast_stats_share_of_floor']:.0f}% with them (floor time / hw time)",
+            f"- in CPU seconds (less sensitive to other jobs on the machine): statistics cost hashing exact "
+            f"{100 * s['cpu_stats_cost_hash_exact']:+.1f}%, fast {100 * s['cpu_stats_cost_hash_fast']:+.1f}%; whole `hw dedup` "
+            f"exact {100 * s['cpu_stats_cost_dedup_exact']:+.1f}%, fast {100 * s['cpu_stats_cost_dedup_fast']:+.1f}%; fast mode "
+            f"{100 * s['cpu_fast_share_of_floor']:.0f}% of the floor without statistics, "
+            f"{100 * s['cpu_fast_stats_share_of_floor']:.0f}% with them",
+            f"- one thread, CPU ms per image (min of 4): exact {s['one_thread_cpu_ms_per_image']['exact']:.2f} → "
+            f"{s['one_thread_cpu_ms_per_image']['exact_stats']:.2f} with statistics "
+            f"({100 * s['one_thread_stats_cost_exact']:+.1f}%), fast {s['one_thread_cpu_ms_per_image']['fast']:.2f} → "
+            f"{s['one_thread_cpu_ms_per_image']['fast_stats']:.2f} ({100 * s['one_thread_stats_cost_fast']:+.1f}%)"]  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 def bench_search(n: int, peer_n: int, skip_peer: bool, seed: int = 0) -> dict:
@@ -290,6 +417,8 @@ def main() -> None:
     ap.add_argument("--peer-search-n", type=int, default=100_000)
     ap.add_argument("--skip-peer-search", action="store_true")
     ap.add_argument("--only-quality", action="store_true", help="Re-run the quality part only (reuses OUT/dedup.json).")
+    ap.add_argument("--only-stats", action="store_true", help="Run only the statistics-cost / floor part (OUT/dedup_stats.md).")
+    ap.add_argument("--rounds", type=int, default=5, help="Interleaved rounds of the statistics-cost part.")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.out / "dedup_work"
@@ -304,6 +433,12 @@ def main() -> None:
     t = time.perf_counter()
     photos = make_photos(work / "photos", a.n_photos)
     print(f"corpus ready ({time.perf_counter() - t:.0f}s)", flush=True)
+    r["stats_cost"] = bench_stats_cost(photos, work, a.rounds)
+    (a.out / "dedup_stats.json").write_text(json.dumps(r["stats_cost"], indent=1))
+    (a.out / "dedup_stats.md").write_text(stats_markdown(r["stats_cost"]))
+    print(stats_markdown(r["stats_cost"]), flush=True)
+    if a.only_stats:
+        return
     r["hashing"] = bench_hashing(photos)
     print(json.dumps(r["hashing"], indent=1), flush=True)
     r["search"] = bench_search(a.search_n, a.peer_search_n, a.skip_peer_search)

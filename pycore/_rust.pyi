@@ -54,10 +54,12 @@ def generate_buckets(max_area: int, step: int, min_side: int, max_side: int) -> 
 
 
 def perceptual_hashes(
-    paths: Sequence[str | os.PathLike[str]], fast_min_side: int | None = None, threads: int = 0
+    paths: Sequence[str | os.PathLike[str]], fast_min_side: int | None = None, threads: int = 0, stats: bool = False
 ) -> dict[str, Any]:
     """imagehash-identical (phash, dhash) of JPEG/PNG files: {phash, dhash: uint64 arrays, ok: bool array,
-    error_kind, error: lists}. `fast_min_side`: decode JPEGs at reduced scale (fast mode)."""
+    error_kind, error: lists}. `fast_min_side`: decode JPEGs at reduced scale (fast mode). `stats`: also
+    sharpness, luma_mean, luma_std, clip_low, clip_high, colorfulness (float32, NaN where not ok), grayscale
+    (bool), jpeg_quality (int16, -1 where unknown) from the same decode. Ctrl-C stops between files."""
 
 def hash_luma(pixels: npt.NDArray[np.uint8]) -> tuple[int, int]:
     """(phash, dhash) of a 2-D uint8 luma array."""

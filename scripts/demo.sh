@@ -18,8 +18,18 @@ with pl.Config(tbl_rows=12, tbl_cols=9, fmt_str_lengths=40, tbl_width_chars=160)
                    "bucket_width", "bucket_height", "crop_left", "crop_top").head(12))
 PY
 echo
-echo "== hw dedup: exact and near duplicates, with a review page"
-"$hw" dedup out/sample.parquet --out out/sample_dedup.parquet --review out/dedup_review.html --overwrite
+echo "== hw dedup: exact and near duplicates, image quality flags and outliers, with a review page"
+"$hw" dedup out/sample.parquet --out out/sample_dedup.parquet --quality --review out/dedup_review.html \
+  --plot out/dedup_stats.svg --overwrite
+echo
+echo "== what dedup added: kept or not, sharpness, brightness, JPEG quality, flags, outlier rank"
+"$venv/bin/python" - <<'PY'
+import polars as pl
+f = pl.read_parquet("out/sample_dedup.parquet").filter(pl.col("status") == "ok")
+with pl.Config(tbl_rows=12, tbl_cols=9, fmt_str_lengths=30, tbl_width_chars=160, fmt_table_cell_list_len=3):
+    print(f.select(pl.col("path").str.replace(r".*/sample/", ""), "dup_group", "keep", "q_sharpness", "q_luma_mean",
+                   "q_jpeg_quality", "q_flags", "q_outlier_rank").sort("q_outlier_rank").head(12))
+PY
 echo
 echo "== hw caption: OpenAI Batch API request files for the sample (no network, no key needed)"
 "$hw" caption out/sample_dedup.parquet --out out/sample_captioned.parquet --model gpt-4o-mini \
@@ -73,6 +83,6 @@ PY
 "$hw" merge-lora --into-lora out/lora_demo/style_kohya.safetensors:0.5 out/lora_demo/extracted.safetensors:0.5 --out out/lora_demo/combined.safetensors --overwrite
 echo
 echo "Outputs in out/: sample.parquet (manifest), buckets.png (histogram), kohya_meta.json (kohya metadata),"
-echo "sample_dedup.parquet + dedup_review.html, caption_batch/ + sample_captioned.parquet + sample_captions.jsonl,"
+echo "sample_dedup.parquet + dedup_review.html + dedup_stats.svg, caption_batch/ + sample_captioned.parquet + sample_captions.jsonl,"
 echo "sample_scored.parquet, spo_run/ (SPO LoRA, config, checkpoints, samples, logs), spo_samples/ (before/after grid),"
 echo "lora_demo/ (converted, merged, extracted and combined LoRAs)"

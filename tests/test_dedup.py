@@ -16,9 +16,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from pycore import _rust
-from pycore import dedup as dd
+from pycore.curation import dedup as dd
 from pycore.errors import HwError
-from pycore.manifest import read_manifest, write_manifest
+from pycore.manifest import read_manifest, read_metadata, write_manifest
 from tests.conftest import SAMPLE
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field", "retina"]
@@ -359,7 +359,9 @@ def _tiny_clip():
 @pytest.mark.slow
 def test_clip_method_with_tiny_model(manifest, tmp_path, monkeypatch):
     model, preprocess = _tiny_clip()
-    monkeypatch.setattr(dd, "load_clip", lambda name, pretrained, device: (model, preprocess))
+    from pycore.curation.dedup import clip
+
+    monkeypatch.setattr(clip, "load_clip", lambda name, pretrained, device: (model, preprocess))
     from cli.app import main
 
     out = tmp_path / "c.parquet"
@@ -382,6 +384,9 @@ def test_clip_method_with_tiny_model(manifest, tmp_path, monkeypatch):
     assert got == want
     kept = ok.filter(pl.col("keep") & pl.col("dup_group").is_not_null())
     assert (kept["dup_similarity"] > 0.999).all()
+    # outliers come from the same embeddings (k-NN cosine), ranked 1..n over the ok rows
+    assert sorted(ok["q_outlier_rank"].to_list()) == list(range(1, ok.height + 1))
+    assert read_metadata(out)["dedup_outlier_method"].startswith("clip-knn")
 
 
 def test_html_review_escapes_names(tmp_path, hw):
@@ -396,4 +401,5 @@ def test_html_review_escapes_names(tmp_path, hw):
     assert hw("dedup", m, "--out", tmp_path / "o.parquet", "--review", page).code == 0
     text = page.read_text()
     assert "<b>x" not in text and "&lt;b&gt;x&amp;y" in text
-    assert text.count("data:image/jpeg;base64,") == 2 and "http" not in text
+    groups_part = text.split("<section class='gallery'")[0]  # each duplicate's thumbnail once (galleries follow)
+    assert groups_part.count("data:image/jpeg;base64,") == 2 and "http" not in text

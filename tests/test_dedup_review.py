@@ -41,6 +41,7 @@ def test_review_dom_in_chromium(review_page):
     r = _chromium("--dump-dom", review_page.as_uri())
     assert r.returncode == 0, r.stderr[-500:]
     dom = r.stdout.decode()
+    dom = dom.split("<section class=\"gallery\"")[0]  # the duplicate groups (quality galleries follow)
     assert dom.count("<section class=\"group\"") == 1
     assert dom.count("<figure class=\"keep\"") == 1 and dom.count("<figure class=\"remove\"") == 2
     assert dom.count("data:image/jpeg;base64,") == 3
@@ -59,3 +60,49 @@ def test_review_screenshot_not_blank(review_page, tmp_path):
     # a green (kept) border is visible
     green = (px[..., 1] > 140) & (px[..., 0] < 80) & (px[..., 2] < 80)
     assert green.sum() > 200
+
+
+@pytest.fixture
+def gallery_page(tmp_path, hw) -> Path:
+    d = tmp_path / "g"
+    d.mkdir()
+    from PIL import ImageEnhance, ImageFilter
+
+    base = Image.fromarray(skdata.astronaut()).resize((256, 256))
+    for k, s in enumerate((0, 1, 3, 6)):
+        (base.filter(ImageFilter.GaussianBlur(s)) if s else base).rotate(90 * k).save(d / f"blur{s}.png")
+    ImageEnhance.Brightness(Image.fromarray(skdata.coffee())).enhance(0.3).save(d / "dark.jpg", quality=90)
+    Image.fromarray(skdata.chelsea()).save(d / "cat.jpg", quality=90)
+    m = tmp_path / "m.parquet"
+    assert hw("bucket", d, "--out", m).code == 0
+    page = tmp_path / "g.html"
+    r = hw("dedup", m, "--out", tmp_path / "o.parquet", "--review", page, "--quality", "--review-gallery", "10")
+    assert r.code == 0, r.err
+    return page
+
+
+def _figure_names(dom: str, section: str) -> list[str]:
+    import re
+
+    part = dom.split(f'id="{section}"', 1)[1].split("</section>", 1)[0]
+    return re.findall(r"<span class=\"name\" title=\"[^\"]*/([^\"/]+)\"", part)
+
+
+def test_galleries_render_and_sort_in_chromium(gallery_page):
+    r = _chromium("--dump-dom", gallery_page.as_uri())
+    assert r.returncode == 0, r.stderr[-500:]
+    dom = r.stdout.decode()
+    for gid in ("gallery-sharpness", "gallery-dark", "gallery-bright", "gallery-outliers", "statistics"):
+        assert f'id="{gid}"' in dom, gid
+    # lowest sharpness first, most blurred copy at the top; numbers under each thumbnail
+    names = _figure_names(dom, "gallery-sharpness")
+    assert names.index("blur6.png") < names.index("blur3.png") < names.index("blur1.png") < names.index("blur0.png")
+    assert "sharpness " in dom.split('id="gallery-sharpness"', 1)[1].split("</section>", 1)[0]
+    assert _figure_names(dom, "gallery-dark")[0] == "dark.jpg"
+    assert "<svg" in dom and "<rect" in dom
+    # the page's sort (as the buttons do it): by sharpness, descending → the sharpest first
+    r = _chromium("--dump-dom", gallery_page.as_uri() + "#sort=gallery-sharpness:sharpness:desc")
+    dom2 = r.stdout.decode()
+    names2 = _figure_names(dom2, "gallery-sharpness")
+    assert names2.index("blur0.png") < names2.index("blur1.png") < names2.index("blur3.png") < names2.index("blur6.png")
+    assert 'data-sorted="sharpness:desc"' in dom2

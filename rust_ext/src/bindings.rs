@@ -6,12 +6,13 @@ use crate::bucket::{self, AssignOptions, SmallPolicy};
 use crate::error::{Error, Status};
 use crate::{pool, scan, walk};
 use numpy::{IntoPyArray, PyReadonlyArray1};
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -26,6 +27,28 @@ impl From<Error> for PyErr {
 fn detached<T: Send>(py: Python<'_>, threads: usize, f: impl FnOnce() -> T + Send) -> PyResult<T> {
     Ok(py.detach(|| pool::run_in_pool(threads, f))?)
 }
+
+/// [`detached`] for long runs over many items: `f` gets a cancel flag its workers check between
+/// items; meanwhile this thread checks for Python signals (Ctrl-C) every 50 ms and, on one, sets
+/// the flag, waits for the workers to return and raises the signal's exception (KeyboardInterrupt).
+fn detached_cancellable<T: Send>(
+    py: Python<'_>,
+    threads: usize,
+    f: impl FnOnce(&AtomicBool) -> T + Send,
+) -> PyResult<T> {
+    let mut raised: Option<PyErr> = None;
+    let r = py.detach(|| {
+        pool::run_cancellable(threads, f, || {
+            Python::attach(|py| py.check_signals())
+                .map_err(|e| raised = Some(e))
+                .is_err()
+        })
+    })?;
+    r.ok_or_else(|| raised.unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted")))
+}
+
+/// Files per step of a cancellable scan (the flag is checked between steps).
+const SCAN_CHUNK: usize = 512;
 
 /// Walk a directory: (candidate paths, {extension: skipped count}, [(path, problem)]).
 #[pyfunction]
@@ -65,7 +88,16 @@ fn scan_files<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let max_pixels = max_pixels.unwrap_or(crate::limits::MAX_PIXELS);
     let opts = scan::ScanOptions { hash, max_pixels };
-    let recs = detached(py, threads, || scan::scan_files(&paths, &opts))?;
+    let recs = detached_cancellable(py, threads, |cancel| {
+        let mut out = Vec::with_capacity(paths.len());
+        for part in paths.chunks(SCAN_CHUNK) {
+            if cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            out.extend(scan::scan_files(part, &opts));
+        }
+        out
+    })?;
     let d = PyDict::new(py);
     d.set_item(
         "status_code",
@@ -229,26 +261,29 @@ fn generate_buckets(
 
 /// (phash, dhash, ok, error kind, error message) of each file; hashes are 0 where not ok.
 /// `fast_min_side`: decode JPEGs at reduced DCT scale keeping both sides ≥ this (fast mode).
+/// `stats`: also the quality statistics of `quality` from the same decode (NaN / -1 where
+/// not ok or, for jpeg_quality, not a JPEG). Ctrl-C stops the workers between files.
 #[pyfunction]
-#[pyo3(signature = (paths, fast_min_side=None, threads=0))]
+#[pyo3(signature = (paths, fast_min_side=None, threads=0, stats=false))]
 #[allow(clippy::type_complexity)]
 fn perceptual_hashes<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
     fast_min_side: Option<u32>,
     threads: usize,
+    stats: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let res = detached(py, threads, || {
-        crate::decode::hash_files(&paths, fast_min_side)
+    let res = detached_cancellable(py, threads, |cancel| {
+        crate::decode::hash_files(&paths, fast_min_side, stats, cancel)
     })?;
     let d = PyDict::new(py);
-    let get = |f: fn(&(u64, u64)) -> u64| {
+    let hashes = |f: fn(&crate::decode::Hashed) -> u64| {
         res.iter()
             .map(|r| r.as_ref().map(f).unwrap_or(0))
             .collect::<Vec<u64>>()
     };
-    d.set_item("phash", get(|h| h.0).into_pyarray(py))?;
-    d.set_item("dhash", get(|h| h.1).into_pyarray(py))?;
+    d.set_item("phash", hashes(|h| h.phash).into_pyarray(py))?;
+    d.set_item("dhash", hashes(|h| h.dhash).into_pyarray(py))?;
     d.set_item(
         "ok",
         res.iter()
@@ -268,6 +303,31 @@ fn perceptual_hashes<'py>(
             .map(|r| r.as_ref().err().map(|e| e.to_string()))
             .collect::<Vec<_>>(),
     )?;
+    if stats {
+        let st: Vec<Option<&crate::quality::Stats>> = res
+            .iter()
+            .map(|r| r.as_ref().ok().and_then(|h| h.stats.as_ref()))
+            .collect();
+        let col = |f: fn(&crate::quality::Stats) -> f64| {
+            st.iter()
+                .map(|s| s.map_or(f32::NAN, |s| f(s) as f32))
+                .collect::<Vec<f32>>()
+                .into_pyarray(py)
+        };
+        d.set_item("sharpness", col(|s| s.sharpness))?;
+        d.set_item("luma_mean", col(|s| s.luma_mean))?;
+        d.set_item("luma_std", col(|s| s.luma_std))?;
+        d.set_item("clip_low", col(|s| s.clip_low))?;
+        d.set_item("clip_high", col(|s| s.clip_high))?;
+        d.set_item("colorfulness", col(|s| s.colorfulness))?;
+        let gray: Vec<bool> = st.iter().map(|s| s.is_some_and(|s| s.grayscale)).collect();
+        d.set_item("grayscale", gray.into_pyarray(py))?;
+        let q: Vec<i16> = st
+            .iter()
+            .map(|s| s.and_then(|s| s.jpeg_quality).map_or(-1, i16::from))
+            .collect();
+        d.set_item("jpeg_quality", q.into_pyarray(py))?;
+    }
     Ok(d)
 }
 

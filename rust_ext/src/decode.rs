@@ -13,8 +13,10 @@
 
 use crate::error::{Error, IoResultExt, Result};
 use crate::phash::Luma;
+use crate::quality::{ColorAcc, Stats};
 use std::os::raw::{c_char, c_int, c_uchar, c_ulong, c_void};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[inline]
 fn l24(r: u8, g: u8, b: u8) -> u8 {
@@ -49,13 +51,39 @@ fn muldiv255(a: u32, b: u32) -> u32 {
 fn cmyk_inverted_to_luma(px: &[u8]) -> Vec<u8> {
     px.chunks_exact(4)
         .map(|p| {
-            let (c, m, y, k) = (255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]);
-            let nk = 255 - k as i32;
-            let ch = |v: u8| (nk - muldiv255(v as u32, nk as u32) as i32).clamp(0, 255) as u8;
-            l24(ch(c), ch(m), ch(y))
+            let (r, g, b) = cmyk_inverted_rgb(p);
+            l24(r, g, b)
         })
         .collect()
 }
+
+/// Pillow's `cmyk2rgb` of one inverted ("CMYK;I") pixel.
+#[inline]
+fn cmyk_inverted_rgb(p: &[u8]) -> (u8, u8, u8) {
+    let (c, m, y, k) = (255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]);
+    let nk = 255 - k as i32;
+    let ch = |v: u8| (nk - muldiv255(v as u32, nk as u32) as i32).clamp(0, 255) as u8;
+    (ch(c), ch(m), ch(y))
+}
+
+/// Colour sums over the statistics grid (`quality::grid_step`) of `h` rows of `w` pixels of
+/// `bytes_pp` bytes each, `stride` bytes apart; `rgb` reads one pixel.
+fn grid_color(
+    px: &[u8],
+    (w, h, stride, bytes_pp): (usize, usize, usize, usize),
+    acc: &mut ColorAcc,
+    rgb: impl Fn(&[u8]) -> (u8, u8, u8),
+) {
+    let k = crate::quality::grid_step(w, h);
+    for y in (0..h).step_by(k) {
+        let row = &px[y * stride..];
+        for x in (0..w).step_by(k) {
+            let (r, g, b) = rgb(&row[x * bytes_pp..(x + 1) * bytes_pp]);
+            acc.add(r, g, b);
+        }
+    }
+}
+
 
 /// Pillow refuses images above this (DecompressionBombError); so do we.
 pub const MAX_PIXELS: u64 = crate::limits::MAX_PIXELS;
@@ -154,8 +182,13 @@ fn scaled(dim: c_int, num: c_int, denom: c_int) -> c_int {
 }
 
 /// Decode a JPEG to luma. `scale_min_side`: decode at the smallest 1/2^k scale (k ≤ 3) whose
-/// sides are both ≥ this (fast mode); None = full size (exact mode).
-pub fn decode_jpeg(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
+/// sides are both ≥ this (fast mode); None = full size (exact mode). With `acc`, the colour
+/// sums of the decoded RGB pixels are gathered on the way (see `quality`).
+pub fn decode_jpeg(
+    bytes: &[u8],
+    scale_min_side: Option<u32>,
+    acc: Option<&mut ColorAcc>,
+) -> Result<Luma> {
     TJ.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -230,17 +263,26 @@ pub fn decode_jpeg(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
                 });
             }
         }
+        let (sw, sh) = (sw as usize, sh as usize);
+        if let Some(a) = acc {
+            let dims = (sw, sh, sw * ch, ch);
+            match ch {
+                1 => a.add_gray(crate::quality::grid_points(sw, sh)),
+                4 if pf == TJPF_RGBX => grid_color(&buf, dims, a, |p| (p[0], p[1], p[2])),
+                _ => grid_color(&buf, dims, a, cmyk_inverted_rgb),
+            }
+        }
         let data = match ch {
             1 => buf,
             4 if pf == TJPF_RGBX => rgb_to_luma(&buf, 4),
             _ => cmyk_inverted_to_luma(&buf),
         };
-        Ok(Luma::new(sw as usize, sh as usize, data))
+        Ok(Luma::new(sw, sh, data))
     })
 }
 
 /// Decode a PNG to luma the way Pillow opens it and converts it to "L".
-pub fn decode_png(bytes: &[u8]) -> Result<Luma> {
+pub fn decode_png(bytes: &[u8], acc: Option<&mut ColorAcc>) -> Result<Luma> {
     use png::{BitDepth, ColorType, Transformations};
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(Transformations::EXPAND);
@@ -291,6 +333,15 @@ pub fn decode_png(bytes: &[u8]) -> Result<Luma> {
             _ => return Err(Error::Unsupported(format!("PNG colour type {ct:?}"))),
         }
     }
+    if let Some(a) = acc {
+        if matches!(ct, ColorType::Grayscale | ColorType::GrayscaleAlpha) {
+            a.add_gray(crate::quality::grid_points(w, h));
+        } else {
+            let dims = (w, h, stride, channels * bpp);
+            let hi = if bpp == 1 { [0, 1, 2] } else { [0, 2, 4] };
+            grid_color(&buf, dims, a, |p| (p[hi[0]], p[hi[1]], p[hi[2]]));
+        }
+    }
     Ok(Luma::new(w, h, out))
 }
 
@@ -307,6 +358,15 @@ pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
 
 /// Decode bytes (JPEG or PNG) to luma. Other formats are `Error::Unsupported`.
 pub fn decode_bytes(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
+    decode_bytes_with(bytes, scale_min_side, None)
+}
+
+/// [`decode_bytes`], gathering the colour sums into `acc` when given.
+pub fn decode_bytes_with(
+    bytes: &[u8],
+    scale_min_side: Option<u32>,
+    acc: Option<&mut ColorAcc>,
+) -> Result<Luma> {
     if bytes.is_empty() {
         return Err(Error::Io {
             kind: crate::error::Status::Empty,
@@ -314,8 +374,8 @@ pub fn decode_bytes(bytes: &[u8], scale_min_side: Option<u32>) -> Result<Luma> {
         });
     }
     match sniff(bytes) {
-        Some("jpeg") => decode_jpeg(bytes, scale_min_side),
-        Some("png") => decode_png(bytes),
+        Some("jpeg") => decode_jpeg(bytes, scale_min_side, acc),
+        Some("png") => decode_png(bytes, acc),
         _ => Err(Error::Unsupported(
             "not a JPEG or PNG (decoded by the Pillow fallback)".into(),
         )),
@@ -328,20 +388,50 @@ pub fn decode_file(path: &Path, scale_min_side: Option<u32>) -> Result<Luma> {
     decode_bytes(&bytes, scale_min_side)
 }
 
-/// (phash, dhash) of each file, in parallel (in the caller's rayon pool), in input order.
+/// What one file gives: its hashes and, when asked, its quality statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hashed {
+    pub phash: u64,
+    pub dhash: u64,
+    pub stats: Option<Stats>,
+}
+
+/// Hash (and with `stats`, measure) one file from a single decode.
+pub fn hash_file(path: &Path, scale_min_side: Option<u32>, stats: bool) -> Result<Hashed> {
+    let bytes = std::fs::read(path).ctx(&path.display().to_string())?;
+    let mut acc = ColorAcc::default();
+    let l = decode_bytes_with(&bytes, scale_min_side, stats.then_some(&mut acc))?;
+    if l.width == 0 || l.height == 0 {
+        return Err(Error::Corrupt("image has a zero size".into()));
+    }
+    let st = stats.then(|| {
+        let jpeg = (sniff(&bytes) == Some("jpeg")).then_some(&bytes[..]);
+        crate::quality::stats(&l.data, l.width, l.height, &acc, jpeg)
+    });
+    Ok(Hashed {
+        phash: crate::phash::phash(&l),
+        dhash: crate::phash::dhash(&l),
+        stats: st,
+    })
+}
+
+/// [`hash_file`] of each path, in parallel (in the caller's rayon pool), in input order.
+/// Workers check `cancel` before each file; once it is set, the remaining files are skipped
+/// (their results are `Error::InvalidInput("cancelled")` and the caller discards the run).
 pub fn hash_files(
     paths: &[std::path::PathBuf],
     scale_min_side: Option<u32>,
-) -> Vec<Result<(u64, u64)>> {
+    stats: bool,
+    cancel: &AtomicBool,
+) -> Vec<Result<Hashed>> {
     use rayon::prelude::*;
     paths
         .par_iter()
         .map(|p| {
-            let l = decode_file(p, scale_min_side)?;
-            if l.width == 0 || l.height == 0 {
-                return Err(Error::Corrupt("image has a zero size".into()));
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::InvalidInput("cancelled".into()));
             }
-            Ok((crate::phash::phash(&l), crate::phash::dhash(&l)))
+            hash_file(p, scale_min_side, stats)
         })
         .collect()
 }

@@ -11,6 +11,7 @@ pub mod limits;
 pub mod mih;
 pub mod phash;
 pub mod pool;
+pub mod quality;
 pub mod scan;
 pub mod status;
 pub mod walk;
