@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from cli.common import Json, Out, Overwrite, Threads, console, print_json, progress, warn
-from pycore.errors import HwError
+from pycore.errors import HwError, NothingDone
 
 HELP = """Caption the images of a manifest in HelloWorld 7.0's structure: one-sentence summary,
 element tags, "inspired by X" and a quality word (worst quality … masterpiece).
@@ -174,6 +174,8 @@ def caption(
 
     # ---- get results: Batch import, the API, or open_clip --------------------------------
     run_stats: dict[str, Any] = {}
+    pending: dict[str, str] = {}
+    asked = 0
     with store:
         if batch_import:
             from pycore.caption.batch import import_batch
@@ -187,7 +189,8 @@ def caption(
             items = pl_.missing(plan, records, retry_failed=retry_failed)
             if limit is not None:
                 items = items[:limit]
-            run_stats = _run_backend(backend, items, oa_cfg, oc_cfg, api_key, job, store, json_out)
+            asked = len(items)
+            run_stats = _run_backend(backend, items, oa_cfg, oc_cfg, api_key, job, store, json_out, pending)
         records = store.load()
 
         # ---- aesthetic scores → quality words -----------------------------------------------
@@ -198,7 +201,8 @@ def caption(
             quality_words = mapping.words(scores)
 
     merged, mrep = merge(frame, plan.keys, records, todo=plan.todo, keep=plan.keep, skip_reasons=plan.skip_reasons,
-                         prefix=prefix, keep_tokens=keep_tokens, quality_words=quality_words, scores=scores)  # fmt: skip
+                         prefix=prefix, keep_tokens=keep_tokens, quality_words=quality_words, scores=scores,
+                         pending_reasons=pending)  # fmt: skip
     opts = {"backend": backend.value, "model": model_name, "prefix": prefix, "keep_tokens": keep_tokens,
             "quality_from": "aesthetic" if use_aesthetic else "model", "quality_percentiles": list(mapping.percentiles),
             "quality_scores": list(mapping.scores) if mapping.scores else None, "job": job}  # fmt: skip
@@ -233,8 +237,11 @@ def caption(
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if json_out:
         print_json(report)
-        return
-    _print_report(report, merged)
+    else:
+        _print_report(report, merged)
+    new_ok = sum(1 for k, _ in items if records.get(k, {}).get("status") == "ok") if asked else 0
+    if asked and not new_ok:
+        raise NothingDone(f"0 of the {asked:,} image(s) asked were captioned (see caption_error in {out})")
 
 
 def _public_url(url: str) -> str:
@@ -248,7 +255,7 @@ def _public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _run_backend(backend: Backend, items, oa_cfg, oc_cfg, api_key, job, store, quiet: bool) -> dict[str, Any]:
+def _run_backend(backend: Backend, items, oa_cfg, oc_cfg, api_key, job, store, quiet: bool, pending: dict[str, str]) -> dict[str, Any]:
     if not items:
         return {}
     with progress(disable=quiet) as bar:
@@ -268,7 +275,10 @@ def _run_backend(backend: Backend, items, oa_cfg, oc_cfg, api_key, job, store, q
             cap = OpenAICaptioner(oa_cfg, api_key, job=job)
 
             def on_record(rec: dict[str, Any]) -> None:
-                store.append(rec)
+                if rec["status"] == "pending":
+                    pending[rec["key"]] = rec["error"]
+                else:
+                    store.append(rec)
                 advance(1, rec["status"] != "ok")
 
             stats = cap.run(items, on_record)

@@ -51,6 +51,22 @@ def failed_record(key: str, job: str, error: str, **extra: Any) -> dict[str, Any
     return {"v": RECORD_VERSION, "key": key, "job": job, "status": "failed", "caption": None, "error": error, **extra}
 
 
+def pending_record(key: str, job: str, error: str, **extra: Any) -> dict[str, Any]:
+    """A request that got no answer (server unreachable, time-outs): reported, never stored."""
+    return {"v": RECORD_VERSION, "key": key, "job": job, "status": "pending", "caption": None, "error": error, **extra}
+
+
+#: The outcomes a store keeps: an image's caption or an answer about it. Transport failures
+#: (status "pending") say nothing about the image and are never stored.
+STORED_STATUSES = ("ok", "failed")
+
+
+def _check_storable(records: Iterable[dict[str, Any]]) -> None:
+    for r in records:
+        if r.get("status") not in STORED_STATUSES:
+            raise ValueError(f"record of {r.get('key')} has status {r.get('status')!r}; only ok/failed are stored")
+
+
 @dataclass
 class LoadReport:
     files: int = 0
@@ -88,7 +104,7 @@ class ResultStore:
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         rep.bad_lines += 1  # e.g. the torn last line of a killed run
                         continue
-                    if not isinstance(rec, dict) or "key" not in rec or rec.get("status") not in ("ok", "failed"):
+                    if not isinstance(rec, dict) or "key" not in rec or rec.get("status") not in STORED_STATUSES:
                         rep.bad_lines += 1
                         continue
                     rep.records += 1
@@ -127,6 +143,7 @@ class ResultStore:
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line and fsync it before returning."""
+        _check_storable((record,))
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
             fd = self._open()
@@ -139,6 +156,8 @@ class ResultStore:
 
     def append_many(self, records: Iterable[dict[str, Any]]) -> None:
         """Several records with one fsync (for batched backends)."""
+        records = list(records)
+        _check_storable(records)
         data = b"".join((json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8") for r in records)
         if not data:
             return
@@ -208,6 +227,7 @@ def merge(
     quality_words: dict[str, str] | None = None,
     scores: dict[str, float] | None = None,
     max_tokens: int = 75,
+    pending_reasons: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, MergeReport]:
     """Add the caption columns to ``frame``.
 
@@ -244,7 +264,9 @@ def merge(
             cols["aesthetic"][i] = float(scores[key])
         if rec is None:
             cols["caption_status"][i] = "pending"
-            cols["caption_error"][i] = "not captioned yet (interrupted run or --limit); run the command again"
+            why = (pending_reasons or {}).get(key)  # type: ignore[arg-type]
+            cols["caption_error"][i] = (f"not captioned: {why}; run the command again" if why else
+                                        "not captioned yet (interrupted run or --limit); run the command again")  # fmt: skip
             rep.pending += 1
             continue
         cols["caption_model"][i] = rec.get("model")

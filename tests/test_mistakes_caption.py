@@ -1,0 +1,169 @@
+"""`hw caption` under a user's mistakes (issue 13): an unreachable server stops the run at once with
+one line, transport failures are never stored as an image's outcome, a run that captions nothing
+exits 3, and a non-UTF-8 file name keeps the kohya metadata valid JSON. Inputs stay byte-identical."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import assert_one_line_error, tree_digest
+from fake_openai import FakeOpenAI
+from pycore.manifest import read_manifest
+from test_caption_openai import assert_clean, caption_cmd, make_images
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return port
+
+
+def store_records(store: Path) -> list[dict]:
+    out = []
+    for f in sorted(store.glob("shard-*.jsonl")):
+        out += [json.loads(x) for x in f.read_bytes().splitlines() if x.strip()]
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path, hw):
+    def build(n: int = 4) -> tuple[Path, Path]:
+        root = tmp_path / "ds"
+        make_images(root, n)
+        m = tmp_path / "m.parquet"
+        assert hw("bucket", root, "--out", m, "--json").code == 0
+        return root, m
+
+    return build
+
+
+class DropServer:
+    """Accepts every connection and closes it without a reply (a crashing proxy or server)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.accepted = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.accepted += 1
+            conn.recv(1 << 16)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_closed_port_stops_at_once_and_caches_nothing(dataset, tmp_path, hw):
+    root, m = dataset(6)
+    before = tree_digest(root, m)
+    out = tmp_path / "c.parquet"
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    r = hw("caption", m, "--out", out, "--base-url", url, "--concurrency", "2")
+    line = assert_one_line_error(r, 1, "cannot reach the caption server")
+    assert "connection refused" in line and url in line
+    assert not out.exists()
+    assert [x for x in store_records(tmp_path / "c.parquet.captions") if x["status"] != "ok"] == []
+    assert tree_digest(root, m) == before
+
+
+def test_server_down_then_up_captions_every_image_once_without_retry_failed(dataset, tmp_path, hw):
+    root, m = dataset(5)
+    out = tmp_path / "c.parquet"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    r = hw("caption", m, "--out", out, "--base-url", url, "--model", "fake-vision")
+    assert_one_line_error(r, 1, "cannot reach")
+    srv = FakeOpenAI()
+    srv.start(port)  # the same address, now up
+    try:
+        r = hw("caption", m, "--out", out, "--base-url", url, "--model", "fake-vision", "--json")
+        assert r.code == 0, r.err
+    finally:
+        srv.stop()
+    rep = r.json()
+    assert rep["ok"] == 5 and rep["failed"] == 0 and rep["reused_from_store"] == 0
+    assert sorted(srv.served_ok.values()) == [1] * 5  # each image captioned exactly once
+    f = read_manifest(out)
+    assert f["caption_status"].to_list() == ["ok"] * 5
+    recs = store_records(tmp_path / "c.parquet.captions")
+    assert [x["status"] for x in recs] == ["ok"] * 5
+
+
+def test_unknown_host_is_one_line(dataset, tmp_path, hw):
+    root, m = dataset(2)
+    r = hw("caption", m, "--out", tmp_path / "c.parquet", "--base-url", "http://hw-no-such-host.invalid/v1")
+    assert_one_line_error(r, 1, "cannot reach the caption server http://hw-no-such-host.invalid/v1")
+    assert not (tmp_path / "c.parquet").exists()
+
+
+def test_server_dropping_every_connection_stops_after_a_few_tries(dataset, tmp_path, hw):
+    root, m = dataset(8)
+    srv = DropServer()
+    try:
+        r = hw("caption", m, "--out", tmp_path / "c.parquet", "--base-url", srv.base_url, "--concurrency", "2", "--max-attempts", "6")
+    finally:
+        srv.close()
+    assert_one_line_error(r, 1, "stopped answering")
+    # 2 slots × 2 tries each, plus the requests already in flight — not 8 images × 6 attempts
+    assert srv.accepted <= 6, srv.accepted
+    assert store_records(tmp_path / "c.parquet.captions") == []
+
+
+def test_timeouts_are_not_stored_and_are_asked_again(dataset, tmp_path, hw):
+    root, m = dataset(3)
+    out = tmp_path / "c.parquet"
+    state = {"stall": True}
+    with FakeOpenAI(lambda iid, a: "stall" if state["stall"] and iid == first else "ok", stall=1.0) as srv:
+        from test_caption_openai import server_id
+
+        first = server_id(sorted(root.glob("*.png"))[0])
+        r = hw(*caption_cmd(m, out, srv, "--timeout", "0.3", "--max-attempts", "2"))
+        assert r.code == 0, r.err
+        rep = r.json()
+        assert rep["ok"] == 2 and rep["pending"] == 1 and rep["failed"] == 0
+        f = read_manifest(out)
+        assert_clean(f)
+        row = f.filter(pl.col("caption_status") == "pending")
+        assert row["caption_error"][0].startswith("not captioned: timed out (0.3s) after 2 attempts")
+        state["stall"] = False
+        r = hw(*caption_cmd(m, out, srv, "--overwrite"))
+        assert r.code == 0, r.err
+        assert r.json()["ok"] == 3 and r.json()["reused_from_store"] == 2
+    assert srv.served_ok[first] == 1
+
+
+def test_nothing_captioned_exits_3_with_manifest_and_reasons(dataset, tmp_path, hw):
+    root, m = dataset(3)
+    before = tree_digest(root, m)
+    out = tmp_path / "c.parquet"
+    with FakeOpenAI(lambda iid, a: "400") as srv:
+        r = hw(*caption_cmd(m, out, srv)[:-1])  # without --json: the table, then the error line
+    assert_one_line_error(r, 3, "0 of the 3 image(s) asked were captioned")
+    f = read_manifest(out)
+    assert f["caption_status"].to_list() == ["failed"] * 3
+    assert tree_digest(root, m) == before
