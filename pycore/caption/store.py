@@ -236,8 +236,6 @@ def merge(
     ``status`` is not ok or it has no readable file). ``quality_words`` (key → word) replaces the
     model's quality word (aesthetic percentiles); ``scores`` fills the ``aesthetic`` column.
     """
-    from pycore.caption.schema import assemble, clip_token_count
-
     n = frame.height
     rep = MergeReport(rows=n)
     old = {c: (frame[c].to_list() if c in frame.columns else [None] * n) for c in CAPTION_COLUMNS}
@@ -282,24 +280,29 @@ def merge(
         cap = dict(rec["caption"])
         if quality_words is not None and key in quality_words:
             cap["quality"] = quality_words[key]
-        text = assemble(cap, prefix=prefix, keep_tokens=keep_tokens)
-        ntok = clip_token_count(text)
-        cols["caption"][i] = text
-        cols["summary"][i] = cap["summary"]
-        cols["elements"][i] = list(cap.get("elements") or [])
-        cols["inspired_by"][i] = cap.get("inspired_by")
-        cols["quality"][i] = cap.get("quality")
-        cols["caption_status"][i] = "ok"
-        cols["caption_tokens"][i] = ntok
-        cols["caption_too_long"][i] = ntok > max_tokens
-        rep.ok += 1
-        rep.too_long += ntok > max_tokens
-        rep.max_tokens = max(rep.max_tokens, ntok)
+        _put_caption(cols, i, cap, rep, prefix=prefix, keep_tokens=keep_tokens, max_tokens=max_tokens)
     from pycore.manifest import COLUMNS
 
-    series = []
-    for c in CAPTION_COLUMNS:
-        dtype = COLUMNS.get(c)
-        series.append(pl.Series(c, cols[c], dtype=dtype))
+    series = [pl.Series(c, cols[c], dtype=COLUMNS.get(c)) for c in CAPTION_COLUMNS]
     out = frame.drop([c for c in CAPTION_COLUMNS if c in frame.columns]).with_columns(series)
     return out, rep
+
+
+def _put_caption(cols: dict[str, list[Any]], i: int, cap: dict[str, Any], rep: MergeReport, *,
+                 prefix: str | None, keep_tokens: bool, max_tokens: int) -> None:  # fmt: skip
+    """Row i's caption columns from a structured caption."""
+    from pycore.caption.schema import assemble, clip_token_count
+
+    text = assemble(cap, prefix=prefix, keep_tokens=keep_tokens)
+    ntok = clip_token_count(text)
+    cols["caption"][i] = text
+    cols["summary"][i] = cap["summary"]
+    cols["elements"][i] = list(cap.get("elements") or [])
+    cols["inspired_by"][i] = cap.get("inspired_by")
+    cols["quality"][i] = cap.get("quality")
+    cols["caption_status"][i] = "ok"
+    cols["caption_tokens"][i] = ntok
+    cols["caption_too_long"][i] = ntok > max_tokens
+    rep.ok += 1
+    rep.too_long += ntok > max_tokens
+    rep.max_tokens = max(rep.max_tokens, ntok)
