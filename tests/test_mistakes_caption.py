@@ -167,3 +167,32 @@ def test_nothing_captioned_exits_3_with_manifest_and_reasons(dataset, tmp_path, 
     f = read_manifest(out)
     assert f["caption_status"].to_list() == ["failed"] * 3
     assert tree_digest(root, m) == before
+
+
+def test_non_utf8_file_name_keeps_metadata_json_valid(tmp_path, hw):
+    import os
+
+    root = tmp_path / "ds"
+    make_images(root, 2)
+    raw = os.fsencode(root) + b"/caf\xe9.png"  # Latin-1 é: not valid UTF-8
+    os.rename(root / "img_001.png", raw)
+    m = tmp_path / "m.parquet"
+    assert hw("bucket", root, "--out", m, "--json").code == 0
+    before = tree_digest(root, m)
+    with FakeOpenAI() as srv:
+        r = hw(*caption_cmd(m, tmp_path / "c.parquet", srv, "--metadata", tmp_path / "meta.json", "--sidecar"))
+        assert r.code == 0, r.err
+        assert "not valid UTF-8" in r.err and "\\udcXX" in r.err and "Traceback" not in r.err
+        r2 = hw(*caption_cmd(m, tmp_path / "c2.parquet", srv, "--metadata", tmp_path / "meta.jsonl", "--store", tmp_path / "c.parquet.captions"))
+        assert r2.code == 0, r2.err
+    data = (tmp_path / "meta.json").read_bytes()
+    text = data.decode("utf-8")  # valid UTF-8
+    assert "\\udce9" in text
+    meta = json.loads(text)
+    assert len(meta) == 2 and raw in {os.fsencode(k) for k in meta}  # lossless for Python readers
+    assert all(Path(k).exists() for k in meta)
+    lines = [json.loads(x) for x in (tmp_path / "meta.jsonl").read_bytes().decode("utf-8").splitlines()]
+    assert raw in {os.fsencode(d["image_key"]) for d in lines}
+    assert Path(os.fsdecode(raw[:-4] + b".txt")).read_text().strip() == meta[os.fsdecode(raw)]["caption"]
+    after = tree_digest(root, m)
+    assert {k: v for k, v in after.items() if not k.endswith(".txt")} == before  # only the sidecars are new
