@@ -196,3 +196,86 @@ def test_non_utf8_file_name_keeps_metadata_json_valid(tmp_path, hw):
     assert Path(os.fsdecode(raw[:-4] + b".txt")).read_text().strip() == meta[os.fsdecode(raw)]["caption"]
     after = tree_digest(root, m)
     assert {k: v for k, v in after.items() if not k.endswith(".txt")} == before  # only the sidecars are new
+
+
+BAD_OPTIONS = [
+    (["--concurrency", "0"], 1, "--concurrency must be between 1 and 1,024"),
+    (["--concurrency", "-3"], 1, "--concurrency must be between 1 and 1,024"),
+    (["--concurrency", "100000"], 1, "--concurrency must be between 1 and 1,024"),
+    (["--max-attempts", "0"], 1, "--max-attempts must be between 1 and 100"),
+    (["--max-attempts", "99999999999999999999"], 1, "--max-attempts"),
+    (["--timeout", "0"], 1, "--timeout must be a finite number"),
+    (["--timeout", "nan"], 1, "--timeout must be a finite number"),
+    (["--timeout", "1e308"], 1, "--timeout must be a finite number"),
+    (["--max-side", "-1"], 1, "--max-side must be between 0 and 16,384"),
+    (["--temperature", "5"], 1, "--temperature"),
+    (["--max-tokens", "1"], 1, "--max-tokens"),
+    (["--limit", "-1"], 1, "--limit must be at least 0"),
+    (["--batch-size", "0"], 1, "--batch-size"),
+    (["--n-tags", "1000"], 1, "--n-tags"),
+    (["--summary-tokens", "2"], 1, "--summary-tokens"),
+    (["--quality-percentiles", "10,20"], 1, "exactly 4"),
+    (["--quality-scores", "a,b,c,d"], 1, "--quality-scores must be 4 comma-separated numbers"),
+    (["--metadata", "meta.csv"], 1, "--metadata must end in .json or .jsonl"),
+    (["--prompt-file", "no-such-prompt.txt"], 1, "--prompt-file no-such-prompt.txt does not exist"),
+    (["--backend", "openclip", "--device", "tpu"], 1, "--device must be auto, cpu, cuda, cuda:N or mps"),
+    (["--backend", "openclip", "--device", "cuda:7"], 1, "--device cuda:7"),
+    (["--quality-from", "aesthetic", "--aesthetic-weights", "nope.safetensors"], 1, "--aesthetic-weights nope.safetensors does not exist"),
+    (["--batch-export", "b", "--batch-import", "r.jsonl"], 1, "separate runs"),
+    (["--concurrency", "many"], 2, None),  # not a number: Typer's usage error
+]
+
+
+@pytest.mark.parametrize(("args", "code", "msg"), BAD_OPTIONS, ids=[" ".join(a) for a, _, _ in BAD_OPTIONS])
+def test_bad_options_are_one_line_before_any_request(args, code, msg, dataset, tmp_path, hw, monkeypatch):
+    root, m = dataset(1)
+    monkeypatch.chdir(tmp_path)
+    before = tree_digest(root, m)
+    with FakeOpenAI() as srv:
+        r = hw("caption", m, "--out", tmp_path / "c.parquet", "--base-url", srv.base_url, *args)
+    if code == 2:
+        assert r.code == 2 and "Traceback" not in r.err
+    else:
+        assert_one_line_error(r, code, msg)
+    assert not srv.attempts and not (tmp_path / "c.parquet").exists()
+    assert tree_digest(root, m) == before
+
+
+def test_bad_outputs_are_refused_before_any_request(dataset, tmp_path, hw):
+    import os
+
+    root, m = dataset(2)
+    before = tree_digest(root, m)
+    (tmp_path / "folder.parquet").mkdir()
+    (tmp_path / "exists.parquet").write_bytes(b"mine")
+    os.link(m, tmp_path / "hardlink.parquet")
+    os.link(m, tmp_path / "hardlink.json")
+    cases = [
+        ([m], "is also an input"),
+        ([tmp_path / "hardlink.parquet", "--overwrite"], "is also an input"),
+        ([tmp_path / "folder.parquet"], "is a folder"),
+        ([tmp_path / "exists.parquet"], "exists; pass --overwrite"),
+        ([tmp_path / "nodir" / "c.parquet"], "does not exist"),
+        ([os.fsdecode(os.fsencode(tmp_path) + b"/bad\xff.parquet")], "not valid UTF-8"),
+        ([tmp_path / "c.parquet", "--metadata", tmp_path / "hardlink.json", "--overwrite"], "is also an input"),
+        ([tmp_path / "c.parquet", "--sidecar", "--root", tmp_path / "no-root"], "is not a folder"),
+    ]
+    with FakeOpenAI() as srv:
+        for args, msg in cases:
+            r = hw("caption", m, "--out", *args, "--base-url", srv.base_url)
+            assert_one_line_error(r, 1, msg)
+    assert not srv.attempts
+    assert (tmp_path / "exists.parquet").read_bytes() == b"mine"
+    assert tree_digest(root, m) == before
+
+
+def test_sidecar_without_a_known_root_fails_before_any_request(dataset, tmp_path, hw):
+    from pycore.manifest import write_manifest
+
+    root, m = dataset(2)
+    bare = tmp_path / "bare.parquet"
+    write_manifest(read_manifest(m), bare)  # no metadata: the scanned folder is unknown
+    with FakeOpenAI() as srv:
+        r = hw("caption", bare, "--out", tmp_path / "c.parquet", "--base-url", srv.base_url, "--sidecar")
+    assert_one_line_error(r, 1, "--sidecar needs --root")
+    assert not srv.attempts

@@ -119,6 +119,12 @@ class CaptionRequest:
         self.quality_scores = _cuts(self.quality_scores, "--quality-scores")
         if self.aesthetic_weights is not None and not Path(self.aesthetic_weights).is_file():
             raise HwError(f"--aesthetic-weights {self.aesthetic_weights} does not exist")
+        if self.use_aesthetic:  # the open_clip models run here: a device this machine lacks is an error now
+            from pycore.checks import parse_device
+
+            self.device = parse_device(self.device)
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise HwError(f"--prompt-file {self.prompt_file} does not exist")
         if self.metadata is not None and Path(self.metadata).suffix.lower() not in (".json", ".jsonl"):
             raise HwError(f"--metadata must end in .json or .jsonl (got {Path(self.metadata).name})")
 
