@@ -259,6 +259,7 @@ def test_bad_outputs_are_refused_before_any_request(dataset, tmp_path, hw):
         ([os.fsdecode(os.fsencode(tmp_path) + b"/bad\xff.parquet")], "not valid UTF-8"),
         ([tmp_path / "c.parquet", "--metadata", tmp_path / "hardlink.json", "--overwrite"], "is also an input"),
         ([tmp_path / "c.parquet", "--sidecar", "--root", tmp_path / "no-root"], "is not a folder"),
+        ([tmp_path / "c.parquet", "--store", tmp_path / "exists.parquet"], "the result store is a folder"),
     ]
     with FakeOpenAI() as srv:
         for args, msg in cases:

@@ -103,10 +103,11 @@ def _backend(req: CaptionRequest, threads: int) -> _Backend:
         from pycore.caption.openai_backend import OpenAIConfig
 
         prompt = req.read_prompt()
+        extra: dict[str, Any] = {"prompt": prompt} if prompt is not None else {}
         cfg = OpenAIConfig(base_url=req.base_url, model=req.model, concurrency=req.concurrency, max_attempts=req.max_attempts,
                            timeout=req.timeout, max_side=req.max_side, detail=req.detail, temperature=req.temperature,
                            max_tokens=req.max_tokens, encode_threads=threads if req.threads else 0,
-                           **({"prompt": prompt} if prompt is not None else {}))  # fmt: skip
+                           **extra)  # fmt: skip
         key = req.resolved_api_key()
         online = req.batch_export is None and not req.batch_import
         if key is None and online and "api.openai.com" in cfg.base_url:
@@ -114,15 +115,16 @@ def _backend(req: CaptionRequest, threads: int) -> _Backend:
         return _Backend(job_fingerprint(cfg.job_options()), cfg.model, openai=cfg, api_key=key)
     from pycore.caption.openclip_backend import OpenClipConfig
 
-    cfg = OpenClipConfig(coca_model=req.coca_model, coca_pretrained=req.coca_pretrained, clip_model=req.clip_model,
+    occ = OpenClipConfig(coca_model=req.coca_model, coca_pretrained=req.coca_pretrained, clip_model=req.clip_model,
                          clip_pretrained=req.clip_pretrained, aesthetic_weights=req.aesthetic_weights, tag_files=req.tags,
                          style_files=req.styles, n_tags=req.n_tags, device=req.device, batch_size=req.batch_size,
                          max_len=req.summary_tokens)  # fmt: skip
-    return _Backend(job_fingerprint(cfg.job_options()), cfg.model_label, openclip=cfg)
+    return _Backend(job_fingerprint(occ.job_options()), occ.model_label, openclip=occ)
 
 
 def _check_outputs(req: CaptionRequest, src: Manifest) -> Path | None:
     """Every output checked before any work; returns the dataset root for --sidecar."""
+    _check_store(req.store_dir)
     if req.batch_export is not None:
         if req.batch_export.exists() and not req.batch_export.is_dir():
             raise HwError(f"--batch-export {req.batch_export} is a file; this output is a folder")
@@ -137,6 +139,19 @@ def _check_outputs(req: CaptionRequest, src: Manifest) -> Path | None:
     if not root.is_dir():
         raise HwError(f"dataset root {root} is not a folder (needed for --sidecar)")
     return root
+
+
+def _check_store(folder: Path) -> None:
+    """The result store can be created and written (every result is appended there as it arrives)."""
+    import os
+
+    if folder.exists() and not folder.is_dir():
+        raise HwError(f"--store {folder} is a file; the result store is a folder")
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise HwError(f"--store {folder}: {probe} is not a writable folder")
 
 
 def caption_manifest(req: CaptionRequest, progress: Progress = NO_PROGRESS) -> CaptionResult:
@@ -249,6 +264,7 @@ def _export(req: CaptionRequest, plan: Plan, records, be: _Backend, store: Resul
     items = _items(req, plan, records)
     progress.stage("encoding", len(items), "img")
     with store:
+        assert req.batch_export is not None  # caption_manifest only calls this for an export
         rep = export_batch(items, be.openai, req.batch_export, job=be.job, store=store, overwrite=req.overwrite,
                            threads=threads, progress=progress.advance)  # fmt: skip
     res.batch_export = rep.to_dict()
