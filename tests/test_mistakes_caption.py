@@ -280,3 +280,39 @@ def test_sidecar_without_a_known_root_fails_before_any_request(dataset, tmp_path
         r = hw("caption", bare, "--out", tmp_path / "c.parquet", "--base-url", srv.base_url, "--sidecar")
     assert_one_line_error(r, 1, "--sidecar needs --root")
     assert not srv.attempts
+
+
+@pytest.mark.parametrize(
+    ("exc", "fatal"),
+    [("ConnectError", "cannot reach the caption server"), ("ConnectTimeout", "no connection within 2s"),
+     ("ReadTimeout", None), ("RemoteProtocolError", None), ("ReadError", None)],
+)  # fmt: skip
+def test_transport_errors_are_pending_never_failed(exc, fatal):
+    """Every kind of 'no HTTP response' ends as pending (not stored); connection failures before the
+    server ever answered stop the run; the others stop it after max(4, 2 × concurrency) in a row."""
+    import asyncio
+
+    import httpx
+
+    from pycore.caption.openai_backend import OpenAICaptioner, OpenAIConfig
+
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        raise getattr(httpx, exc)("boom", request=request)
+
+    cfg = OpenAIConfig(base_url="http://caption.test/v1", model="m", max_attempts=3, timeout=2, backoff_base=0, backoff_max=0, concurrency=1)
+    cap = OpenAICaptioner(cfg, None, job="j")
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return [await cap.request(client, "data:image/jpeg;base64,AAAA") for _ in range(2)]
+
+    results = asyncio.run(go())
+    assert all(status == "pending" for status, *_ in results), results
+    if fatal:
+        assert len(calls) == 1 and fatal in cap._fatal
+    else:
+        assert len(calls) == 4 and "stopped answering (4 requests in a row" in cap._fatal  # the streak limit
+        assert results[0][2].endswith("after 3 attempts")

@@ -238,6 +238,9 @@ def _server_message(resp: Any) -> str:
 #: per request slot; at least :data:`MIN_UNREACHABLE_STREAK`.
 UNREACHABLE_PER_SLOT = 2
 MIN_UNREACHABLE_STREAK = 4
+#: Seconds to wait for a TCP/TLS connection (at most --timeout): a server that does not accept
+#: one in this time before it ever answered is unreachable (a wrong address, a firewall).
+CONNECT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -383,6 +386,10 @@ class OpenAICaptioner:
         try:
             async with asyncio.timeout(cfg.timeout):
                 resp = await client.post(cfg.url, content=body, headers=self._headers())
+        except httpx.ConnectTimeout:
+            self.stats.http["connection"] += 1
+            why = f"no connection within {min(cfg.timeout, CONNECT_TIMEOUT):g}s"
+            return self._transport_failure(f"connection error (ConnectTimeout: {why})", refused=why)
         except (TimeoutError, httpx.TimeoutException):
             self.stats.http["timeout"] += 1
             return self._transport_failure(f"timed out ({cfg.timeout:g}s)")
@@ -510,7 +517,7 @@ class OpenAICaptioner:
         t0 = time.perf_counter()
         producer = asyncio.create_task(self._produce(items, ready, n_enc, n_workers, enc_pool))
         try:
-            async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.timeout + 5.0)) as client:
+            async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.timeout + 5.0, connect=min(cfg.timeout, CONNECT_TIMEOUT))) as client:
                 await asyncio.gather(*(self._worker(client, ready, producer, on_record, write_pool) for _ in range(n_workers)))
             if producer.done() and producer.exception() is not None:
                 raise producer.exception()  # type: ignore[misc]
