@@ -167,8 +167,8 @@ def caption_manifest(req: CaptionRequest, progress: Progress = NO_PROGRESS) -> C
     src = Manifest.read(req.manifest)
     root = _check_outputs(req, src)
     mapping = QualityMapping(percentiles=req.quality_percentiles or DEFAULT_PERCENTILES, scores=req.quality_scores)
-    plan = plan_rows(src.frame, overwrite=req.overwrite, threads=threads)
     be = _backend(req, threads)
+    plan = plan_rows(src.frame, overwrite=req.overwrite, threads=threads)
     store = ResultStore(req.store_dir, be.job)
     records = store.load()
     res = CaptionResult(manifest=str(req.manifest), out=str(req.out), backend=req.backend, model=be.model, store=str(req.store_dir),
