@@ -29,3 +29,6 @@ def cpu_count() -> int:
 def max_threads() -> int:
     """The most worker threads any command starts."""
     return max(16, MAX_THREADS_PER_CORE * cpu_count())
+
+#: Most requests `hw caption` keeps in flight at once (each holds an encoded image in memory).
+MAX_CAPTION_CONCURRENCY = 1024

@@ -35,15 +35,30 @@ echo "== hw caption: OpenAI Batch API request files for the sample (no network, 
 "$hw" caption out/sample_dedup.parquet --out out/sample_captioned.parquet --model gpt-4o-mini \
   --batch-export out/caption_batch --overwrite
 echo
-echo "== hw caption: against the bundled fake OpenAI-compatible server (10% injected faults), kohya metadata"
+echo "== hw caption: the caption server is down (nothing listens on the port yet): one line at once, nothing stored"
 port=$("$venv/bin/python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+rm -rf out/caption_store  # the demo's own store: start fresh so the outage is visible on every run
+caption_args=(out/sample_dedup.parquet --out out/sample_captioned.parquet --base-url "http://127.0.0.1:$port/v1"
+  --model fake-vision --prefix hwstyle --keep-tokens --metadata out/sample_captions.jsonl --store out/caption_store --overwrite)
+rc=0
+"$hw" caption "${caption_args[@]}" || rc=$?
+echo "   (exit $rc)"
+echo
+echo "== hw caption: the same command with the server up (the bundled fake OpenAI-compatible server, 10% injected"
+echo "   faults): every image is asked again — no --retry-failed needed — and captioned; kohya metadata"
 "$venv/bin/python" -m tests.kit.fake_openai --port "$port" --fault-rate 0.1 --forever >/dev/null &
 fake=$!
 trap 'kill $fake 2>/dev/null || true' EXIT
 sleep 1
-"$hw" caption out/sample_dedup.parquet --out out/sample_captioned.parquet --base-url "http://127.0.0.1:$port/v1" \
-  --model fake-vision --prefix hwstyle --keep-tokens --metadata out/sample_captions.jsonl --overwrite
+"$hw" caption "${caption_args[@]}"
 kill $fake 2>/dev/null || true
+"$venv/bin/python" - <<'PY'
+import polars as pl
+f = pl.read_parquet("out/sample_captioned.parquet")
+print(f["caption_status"].value_counts(sort=True))
+for p, c in f.filter(pl.col("caption_status") == "ok").select("path", "caption").head(3).iter_rows():
+    print(f"{p.rsplit('/', 1)[-1]}: {c}")
+PY
 echo
 echo "== hw spm-score: score the sample with a step-aware preference model (a tiny random one built here:"
 echo "   no downloads in the demo; real use: --model spo-sdxl or yuvalkirstain/PickScore_v1)"

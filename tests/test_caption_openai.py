@@ -56,7 +56,7 @@ def caption_cmd(m: Path, out: Path, srv: FakeOpenAI, *extra) -> list:
 def assert_clean(frame: pl.DataFrame) -> None:
     """Every row captioned or failed-with-reason; no error text inside any caption."""
     ok = frame.filter(pl.col("caption_status") == "ok")
-    failed = frame.filter(pl.col("caption_status") == "failed")
+    failed = frame.filter(pl.col("caption_status").is_in(["failed", "pending"]))
     assert ok.height + failed.height + frame.filter(pl.col("caption_status") == "skipped").height == frame.height
     assert failed["caption"].null_count() == failed.height
     assert failed["caption_error"].null_count() == 0
@@ -100,7 +100,7 @@ def test_faults_every_image_captioned_or_failed_none_twice(dataset, tmp_path, hw
     f = read_manifest(out)
     assert_clean(f)
     rep = r.json()
-    assert rep["ok"] + rep["failed"] == 40 and rep["failed"] > 0 and rep["ok"] > 20
+    assert rep["ok"] + rep["failed"] + rep["pending"] == 40 and rep["failed"] > 0 and rep["ok"] > 20
     # the server served each image's caption at most once, and every served caption was recorded
     assert max(srv.served_ok.values()) == 1
     by_id = {server_id(Path(p)): (s, e) for p, s, e in zip(f["path"], f["caption_status"], f["caption_error"], strict=True)}
@@ -109,6 +109,8 @@ def test_faults_every_image_captioned_or_failed_none_twice(dataset, tmp_path, hw
         actions = srv.actions_for(iid)
         if "ok" in actions:
             assert status == "ok" and actions[-1] == "ok"  # no request after the success
+        elif actions[-1] == "stall":  # no answer to the last attempt: not stored, asked again next run
+            assert status == "pending" and len(actions) == 3 and "timed out (0.5s) after 3 attempts" in err, (actions, err)
         else:
             assert status == "failed" and len(actions) == 3, (actions, err)
             last = actions[-1]
@@ -146,7 +148,8 @@ def test_refusal_always_is_failure_not_caption(dataset, tmp_path, hw):
     out = tmp_path / "c.parquet"
     with FakeOpenAI(lambda iid, a: "refusal") as srv:
         r = hw(*caption_cmd(m, out, srv, "--max-attempts", "2", "--sidecar", "--metadata", tmp_path / "meta.json"))
-        assert r.code == 0, r.err
+        assert r.code == 3, r.err  # nothing captioned: NothingDone, after writing the manifest with the reasons
+        assert "0 of the 4 image(s) asked were captioned" in r.err
     f = read_manifest(out)
     assert f["caption_status"].to_list() == ["failed"] * 4
     assert all(e.startswith("refused: I'm sorry") for e in f["caption_error"])
@@ -337,23 +340,6 @@ def test_config_validation_errors(dataset, tmp_path, hw):
     assert r.code == 1 and "strictly increasing" in r.err
     r = hw("caption", m, "--out", out, "--base-url", "http://127.0.0.1:9/v1", "--detail", "ultra")
     assert r.code == 1 and "--detail" in r.err
-
-
-def test_connection_refused_is_failure_with_reason(dataset, tmp_path, hw):
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    root, m = dataset(2)
-    out = tmp_path / "c.parquet"
-    r = hw("caption", m, "--out", out, "--base-url", f"http://127.0.0.1:{port}/v1", "--max-attempts", "2", "--json")
-    assert r.code == 0, r.err
-    f = read_manifest(out)
-    assert f["caption_status"].to_list() == ["failed", "failed"]
-    assert all(e.startswith("connection error (ConnectError) after 2 attempts") for e in f["caption_error"])
-    assert Counter(r.json()["failures"]) == Counter({"connection error (ConnectError)": 2})
 
 
 def test_no_hash_manifest_and_image_broken_after_bucketing(tmp_path, hw):

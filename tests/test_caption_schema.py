@@ -263,7 +263,7 @@ def test_spliced_request_body_equals_json_dumps(tmp_path):
 
 
 def test_public_url_drops_credentials():
-    from cli.caption import _public_url
+    from pycore.caption.openai_backend import public_url as _public_url
 
     assert _public_url("https://user:sk-secret@example.com:8443/v1?api-key=sk-x") == "https://example.com:8443/v1"
     assert _public_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"

@@ -227,6 +227,20 @@ def _server_message(resp: Any) -> str:
 
 # ------------------------------------------------------------------------------------------
 # The run
+#
+# Outcomes of one image: "ok" (a caption) and "failed" (an answer about this image: refused,
+# invalid image, replies that never matched the schema, HTTP 4xx, 429/5xx until the attempts
+# ran out) are stored; "pending" (no HTTP response at all: connection refused or reset, DNS
+# failure, time-outs) is a transport failure — it says nothing about the image, so it is never
+# stored and the next run asks again. A server that cannot be reached stops the run at once.
+
+#: Consecutive transport failures (no HTTP response in between) that stop a run as "unreachable",
+#: per request slot; at least :data:`MIN_UNREACHABLE_STREAK`.
+UNREACHABLE_PER_SLOT = 2
+MIN_UNREACHABLE_STREAK = 4
+#: Seconds to wait for a TCP/TLS connection (at most --timeout): a server that does not accept
+#: one in this time before it ever answered is unreachable (a wrong address, a firewall).
+CONNECT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -235,22 +249,61 @@ class RunStats:
     retries: int = 0
     done: int = 0
     failed: int = 0
+    pending: int = 0
     http: Counter = field(default_factory=Counter)
     usage: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "retries": self.retries, "done": self.done, "failed": self.failed,
+                "not_answered": self.pending,
                 "http_status": {str(k): v for k, v in sorted(self.http.items(), key=lambda kv: str(kv[0]))},
                 "usage": dict(self.usage), "seconds": round(self.seconds, 3)}  # fmt: skip
 
 
 class FatalApiError(HwError):
-    """An error that would fail every request (bad key, unknown model or URL)."""
+    """An error that would fail every request (bad key, unknown model or URL, unreachable server)."""
+
+
+@dataclass
+class _Try:
+    """One attempt's result: done (ok or an answer that is final), or retry after ``wait``."""
+
+    status: str  # ok | failed | retry | transport
+    caption: dict[str, Any] | None = None
+    reason: str = ""
+    wait: float | None = None
+
+
+def public_url(url: str) -> str:
+    """The URL without user:password@ or a query string (either could hold a credential)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _transport_reason(e: BaseException) -> str:
+    """'connection refused', 'name or service not known', … from an httpx transport error."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+            return os.strerror(cause.errno).lower()  # "connection refused", not asyncio's "connect call failed"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror.lower()  # DNS: "name or service not known"
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(e).split())
+    return text[:120] if text else type(e).__name__
 
 
 class OpenAICaptioner:
-    """Caption items ``(key, path)`` concurrently; every outcome goes to ``on_record`` (durably)."""
+    """Caption items ``(key, path)`` concurrently; every outcome goes to ``on_record``.
+
+    Records have status ok or failed (store them) or pending (a transport failure: do not store).
+    """
 
     def __init__(self, cfg: OpenAIConfig, api_key: str | None, *, job: str, seed: int | None = None):
         self.cfg = cfg
@@ -260,6 +313,9 @@ class OpenAICaptioner:
         self._rng = random.Random(seed)
         self._fatal: str | None = None
         self._template: str | None = None
+        self._responses = 0  # HTTP responses received (any status)
+        self._streak = 0  # transport failures since the last HTTP response
+        self._streak_limit = max(MIN_UNREACHABLE_STREAK, UNREACHABLE_PER_SLOT * cfg.concurrency)
 
     _MARK = "HW-IMAGE-DATA-URL-7f3a9c"
 
@@ -282,71 +338,174 @@ class OpenAICaptioner:
             h["Authorization"] = f"Bearer {self._key}"
         return h
 
-    async def request(self, client: Any, data_url: str) -> tuple[str, dict[str, Any] | None, str | None, int]:
-        """One image through the retry loop: ("ok", caption, None, attempts) or ("failed", None, reason, attempts)."""
+    def _transport_failure(self, reason: str, *, refused: str | None = None) -> _Try:
+        """Count a request that got no HTTP response; stop the run when the server looks unreachable
+        (``refused``: why a connection could not be made — fatal before the server ever answered)."""
+        self._streak += 1
+        where = public_url(self.cfg.base_url)
+        if refused is not None and self._responses == 0:
+            self._fatal = f"cannot reach the caption server {where}: {refused}"
+        elif self._streak >= self._streak_limit:
+            self._fatal = (f"the caption server {where} stopped answering ({self._streak} requests in a row "
+                           f"without a response, last: {reason})")  # fmt: skip
+        return _Try("transport", reason=reason)
+
+    def _answer(self, resp: Any) -> _Try:
+        """Classify an HTTP response."""
+        status = resp.status_code
+        self.stats.http[status] += 1
+        self._responses += 1
+        self._streak = 0
+        if status == 200:
+            try:
+                payload = json.loads(resp.content)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return _Try("retry", reason="invalid JSON response body")
+            for k, v in _usage(payload).items():
+                self.stats.usage[k] += v
+            try:
+                caption, _ = parse_reply(payload)
+            except ReplyError as e:
+                return _Try("retry", reason=self._scrub(str(e)))
+            return _Try("ok", caption=caption)
+        msg = self._scrub(_server_message(resp))
+        if status in FATAL_STATUSES:
+            self._fatal = f"HTTP {status} {FATAL_STATUSES[status]}" + (f": {msg}" if msg else "")
+            return _Try("failed", reason=self._fatal)
+        if status in RETRY_STATUSES or status >= 500:
+            wait = retry_after_seconds(resp.headers)
+            return _Try("retry", reason=f"HTTP {status}" + (f" ({msg})" if msg else ""),
+                        wait=None if wait is None else min(wait, self.cfg.max_retry_wait))  # fmt: skip
+        return _Try("failed", reason=f"HTTP {status}" + (f": {msg}" if msg else ""))
+
+    async def _attempt(self, client: Any, body: bytes) -> _Try:
         import httpx
 
         cfg = self.cfg
+        self.stats.requests += 1
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                resp = await client.post(cfg.url, content=body, headers=self._headers())
+        except httpx.ConnectTimeout:
+            self.stats.http["connection"] += 1
+            why = f"no connection within {min(cfg.timeout, CONNECT_TIMEOUT):g}s"
+            return self._transport_failure(f"connection error (ConnectTimeout: {why})", refused=why)
+        except (TimeoutError, httpx.TimeoutException):
+            self.stats.http["timeout"] += 1
+            return self._transport_failure(f"timed out ({cfg.timeout:g}s)")
+        except httpx.TransportError as e:
+            self.stats.http["connection"] += 1
+            why = _transport_reason(e)
+            refused = why if isinstance(e, httpx.ConnectError) else None
+            return self._transport_failure(f"connection error ({type(e).__name__}: {why})", refused=refused)
+        return self._answer(resp)
+
+    async def request(self, client: Any, data_url: str) -> tuple[str, dict[str, Any] | None, str | None, int]:
+        """One image through the retry loop → (status, caption, reason, attempts).
+
+        status: "ok"; "failed" (the server's answer to the last attempt was not a caption: stored);
+        "pending" (the last attempt got no HTTP response, or the run stopped: not this image's
+        outcome, asked again next run).
+        """
+        cfg = self.cfg
         body = self._body(data_url)
-        last = "no attempt made"
+        last = _Try("transport", reason="no attempt made")
         attempt = 0
         for attempt in range(1, cfg.max_attempts + 1):
             if self._fatal:
-                return "failed", None, f"run stopped: {self._fatal}", attempt - 1
-            self.stats.requests += 1
-            wait: float | None = None
-            try:
-                async with asyncio.timeout(cfg.timeout):
-                    resp = await client.post(cfg.url, content=body, headers=self._headers())
-            except TimeoutError:
-                self.stats.http["timeout"] += 1
-                last = f"timed out ({cfg.timeout:g}s)"
-            except httpx.HTTPError as e:
-                self.stats.http["connection"] += 1
-                last = f"connection error ({type(e).__name__})"
-            else:
-                status = resp.status_code
-                self.stats.http[status] += 1
-                if status == 200:
-                    try:
-                        payload = json.loads(resp.content)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        last = "invalid JSON response body"
-                    else:
-                        for k, v in _usage(payload).items():
-                            self.stats.usage[k] += v
-                        try:
-                            caption, _ = parse_reply(payload)
-                        except ReplyError as e:
-                            last = self._scrub(str(e))
-                        else:
-                            return "ok", caption, None, attempt
-                elif status in FATAL_STATUSES:
-                    msg = self._scrub(_server_message(resp))
-                    self._fatal = f"HTTP {status} {FATAL_STATUSES[status]}" + (f": {msg}" if msg else "")
-                    return "failed", None, self._fatal, attempt
-                elif status in RETRY_STATUSES or status >= 500:
-                    msg = self._scrub(_server_message(resp))
-                    last = f"HTTP {status}" + (f" ({msg})" if msg else "")
-                    wait = retry_after_seconds(resp.headers)
-                    if wait is not None:
-                        wait = min(wait, cfg.max_retry_wait)
-                else:
-                    msg = self._scrub(_server_message(resp))
-                    return "failed", None, f"HTTP {status}" + (f": {msg}" if msg else ""), attempt
+                return "pending", None, f"run stopped: {self._fatal}", attempt - 1
+            last = await self._attempt(client, body)
+            if last.status == "ok":
+                return "ok", last.caption, None, attempt
+            if last.status == "failed":
+                return ("pending" if self._fatal else "failed"), None, last.reason, attempt
+            if self._fatal:
+                break
             if attempt < cfg.max_attempts:
                 self.stats.retries += 1
-                await asyncio.sleep(wait if wait is not None else backoff_seconds(cfg, attempt, self._rng))
-        return "failed", None, f"{last} after {attempt} attempt{'s' if attempt != 1 else ''}", attempt
+                await asyncio.sleep(last.wait if last.wait is not None else backoff_seconds(cfg, attempt, self._rng))
+        reason = f"{last.reason} after {attempt} attempt{'s' if attempt != 1 else ''}"
+        return ("pending" if last.status == "transport" or self._fatal else "failed"), None, reason, attempt
+
+    async def _produce(self, items: Sequence[tuple[str, str]], ready: asyncio.Queue, n_enc: int, n_workers: int, enc_pool) -> None:
+        """Encode images in the pool and queue them; then one None per worker."""
+        from pycore.caption.images import ImageLoadError, data_url
+
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        slots = asyncio.Semaphore(n_enc)
+
+        async def encode(key: str, path: str) -> None:
+            try:
+                url = await loop.run_in_executor(enc_pool, data_url, path, cfg.max_side, cfg.jpeg_quality)
+                await ready.put((key, url, None))
+            except ImageLoadError as e:
+                await ready.put((key, None, str(e)))
+            finally:
+                slots.release()
+
+        tasks: set[asyncio.Task] = set()
+        try:
+            for key, path in items:
+                if self._fatal:
+                    break
+                await slots.acquire()
+                t = asyncio.create_task(encode(key, path))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for t in list(tasks):
+                t.cancel()
+        for _ in range(n_workers):  # tell every worker there is no more work
+            await ready.put(None)
+
+    async def _next(self, ready: asyncio.Queue, producer: asyncio.Task) -> Any:
+        """The next queued item; None when there is no more (or the producer failed)."""
+        getter = asyncio.ensure_future(ready.get())
+        await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        if producer.exception() is not None:
+            return None
+        return await ready.get()
+
+    async def _record(self, client: Any, key: str, url: str | None, load_error: str | None) -> dict[str, Any]:
+        from pycore.caption.store import failed_record, ok_record, pending_record
+
+        extra = {"model": self.cfg.model}
+        if url is None:
+            return failed_record(key, self.job, load_error or "cannot read image", attempts=0, **extra)
+        status, caption, error, attempts = await self.request(client, url)
+        if status == "ok":
+            return ok_record(key, self.job, caption, attempts=attempts, **extra)
+        if status == "failed":
+            return failed_record(key, self.job, error or "failed", attempts=attempts, **extra)
+        return pending_record(key, self.job, error or "no response", attempts=attempts, **extra)
+
+    async def _worker(self, client: Any, ready: asyncio.Queue, producer: asyncio.Task, on_record, write_pool) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._fatal:
+            item = await self._next(ready, producer)
+            if item is None:
+                return
+            rec = await self._record(client, *item)
+            if self._fatal and rec["status"] != "ok":
+                return  # a key/model/URL/network problem is not this image's failure: left for the next run
+            await loop.run_in_executor(write_pool, on_record, rec)
+            if rec["status"] == "ok":
+                self.stats.done += 1
+            elif rec["status"] == "failed":
+                self.stats.failed += 1
+            else:
+                self.stats.pending += 1
 
     async def _run(self, items: Sequence[tuple[str, str]], on_record: Callable[[dict[str, Any]], None]) -> None:
         import httpx
 
-        from pycore.caption.images import ImageLoadError, data_url
-        from pycore.caption.store import failed_record, ok_record
-
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
         n_enc = cfg.encode_threads or min(cfg.concurrency, os.cpu_count() or 1)
         n_workers = min(cfg.concurrency, max(1, len(items)))
         enc_pool = ThreadPoolExecutor(max_workers=n_enc, thread_name_prefix="hw-encode")
@@ -355,75 +514,13 @@ class OpenAICaptioner:
         # flight, and at most concurrency + encoder threads images are held in memory.
         ready: asyncio.Queue[tuple[str, str | None, str | None] | None] = asyncio.Queue(maxsize=cfg.concurrency + n_enc)
         limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-        timeout = httpx.Timeout(cfg.timeout + 5.0)
-
-        async def produce() -> None:
-            slots = asyncio.Semaphore(n_enc)
-
-            async def encode(key: str, path: str) -> None:
-                try:
-                    url = await loop.run_in_executor(enc_pool, data_url, path, cfg.max_side, cfg.jpeg_quality)
-                    await ready.put((key, url, None))
-                except ImageLoadError as e:
-                    await ready.put((key, None, str(e)))
-                finally:
-                    slots.release()
-
-            tasks: set[asyncio.Task] = set()
-            try:
-                for key, path in items:
-                    if self._fatal:
-                        break
-                    await slots.acquire()
-                    t = asyncio.create_task(encode(key, path))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                for t in list(tasks):
-                    t.cancel()
-            for _ in range(n_workers):  # tell every worker there is no more work
-                await ready.put(None)
-
-        async def worker(client: httpx.AsyncClient) -> None:
-            while not self._fatal:
-                getter = asyncio.ensure_future(ready.get())
-                await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    if producer.exception() is not None:
-                        return
-                    item = await ready.get()
-                else:
-                    item = getter.result()
-                if item is None:
-                    return
-                key, url, load_error = item
-                extra = {"model": cfg.model}
-                if url is None:
-                    rec = failed_record(key, self.job, load_error or "cannot read image", attempts=0, **extra)
-                else:
-                    status, caption, error, attempts = await self.request(client, url)
-                    if status == "ok":
-                        rec = ok_record(key, self.job, caption, attempts=attempts, **extra)
-                    elif self._fatal:
-                        return  # a key/model/URL problem is not this image's failure: left for the next run
-                    else:
-                        rec = failed_record(key, self.job, error or "failed", attempts=attempts, **extra)
-                await loop.run_in_executor(write_pool, on_record, rec)
-                if rec["status"] == "ok":
-                    self.stats.done += 1
-                else:
-                    self.stats.failed += 1
-
         t0 = time.perf_counter()
-        producer = asyncio.create_task(produce())
+        producer = asyncio.create_task(self._produce(items, ready, n_enc, n_workers, enc_pool))
         try:
-            async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-                await asyncio.gather(*(worker(client) for _ in range(n_workers)))
+            async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.timeout + 5.0, connect=min(cfg.timeout, CONNECT_TIMEOUT))) as client:
+                await asyncio.gather(*(self._worker(client, ready, producer, on_record, write_pool) for _ in range(n_workers)))
             if producer.done() and producer.exception() is not None:
-                raise producer.exception()
+                raise producer.exception()  # type: ignore[misc]
         finally:
             producer.cancel()
             try:
@@ -437,6 +534,7 @@ class OpenAICaptioner:
             raise FatalApiError(f"{self._fatal} — stopped; finished results are saved, re-run to resume")
 
     def run(self, items: Sequence[tuple[str, str]], on_record: Callable[[dict[str, Any]], None]) -> RunStats:
-        """Caption every item; blocks until done. Raises :class:`FatalApiError` on 401/403/404."""
+        """Caption every item; blocks until done. Raises :class:`FatalApiError` on 401/403/404 and
+        when the server cannot be reached."""
         asyncio.run(self._run(items, on_record))
         return self.stats

@@ -89,17 +89,10 @@ def default_style_files() -> tuple[Path, ...]:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """auto → CUDA, then MPS, then CPU; a device this machine lacks is a one-line error (pycore.checks)."""
+    from pycore.checks import parse_device
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HwError(f"--device {device}: CUDA is not available")
-    return device
+    return parse_device(device)
 
 
 def precision_for(device: str) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from pycore.errors import HwError
+from pycore.errors import HwError, HwWarning
 from pycore.io import write_atomic, write_text_atomic
 
 
@@ -107,8 +109,26 @@ def export_metadata(frame: pl.DataFrame, path: str | os.PathLike[str], *, overwr
             d["image_size"] = [int(w[i]), int(h[i])]
         entries.append((k, d, {"summary": summ, "elements": el or [], "inspired_by": insp, "quality": q}))
     if path.suffix.lower() == ".json":
-        text = json.dumps({k: d for k, d, _ in entries}, indent=1, ensure_ascii=False) + "\n"
+        text = json_text({k: d for k, d, _ in entries}, indent=1) + "\n"
     else:
-        text = "".join(json.dumps({"image_key": k, **d, **extra}, ensure_ascii=False) + "\n" for k, d, extra in entries)
-    write_atomic(path, lambda p: p.write_bytes(text.encode("utf-8", errors="surrogateescape")), overwrite=overwrite)
+        text = "".join(json_text({"image_key": k, **d, **extra}) + "\n" for k, d, extra in entries)
+    odd = sum(1 for k in keys if _SURROGATE.search(k))
+    if odd:
+        warnings.warn(f"{odd:,} file name(s) in {path.name} are not valid UTF-8: written as \\udcXX escapes (Python's "
+                      "surrogateescape; json.load + open() find the file, other readers may not) — rename them for other tools",
+                      HwWarning, stacklevel=2)  # fmt: skip
+    write_atomic(path, lambda p: p.write_bytes(text.encode("utf-8")), overwrite=overwrite)
     return n
+
+
+#: A byte of a non-UTF-8 file name, as Python's file-system decoding holds it (surrogateescape).
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def json_text(obj: object, **kw: object) -> str:
+    """JSON text that is always valid UTF-8: a file name's undecodable byte 0xXY (held by Python
+    as the lone surrogate U+DCXY) is written as the escape ``\\udcXY``. Python's ``json.load``
+    gives back the same string and ``open()`` the same file, so the scheme is lossless for
+    Python readers (kohya sd-scripts); everything else is written as plain UTF-8."""
+    text = json.dumps(obj, ensure_ascii=False, **kw)  # type: ignore[arg-type]
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

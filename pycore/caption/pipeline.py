@@ -133,14 +133,5 @@ class QualityMapping:
         return out
 
 
-def parse_cuts(text: str | None, what: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise HwError(f"{what} must be 4 comma-separated numbers (got {text!r})") from None
-
-
 def distribution(words: Sequence[str | None]) -> dict[str, int]:
     return {w: sum(1 for x in words if x == w) for w in QUALITY_WORDS}

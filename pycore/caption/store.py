@@ -51,6 +51,22 @@ def failed_record(key: str, job: str, error: str, **extra: Any) -> dict[str, Any
     return {"v": RECORD_VERSION, "key": key, "job": job, "status": "failed", "caption": None, "error": error, **extra}
 
 
+def pending_record(key: str, job: str, error: str, **extra: Any) -> dict[str, Any]:
+    """A request that got no answer (server unreachable, time-outs): reported, never stored."""
+    return {"v": RECORD_VERSION, "key": key, "job": job, "status": "pending", "caption": None, "error": error, **extra}
+
+
+#: The outcomes a store keeps: an image's caption or an answer about it. Transport failures
+#: (status "pending") say nothing about the image and are never stored.
+STORED_STATUSES = ("ok", "failed")
+
+
+def _check_storable(records: Iterable[dict[str, Any]]) -> None:
+    for r in records:
+        if r.get("status") not in STORED_STATUSES:
+            raise ValueError(f"record of {r.get('key')} has status {r.get('status')!r}; only ok/failed are stored")
+
+
 @dataclass
 class LoadReport:
     files: int = 0
@@ -88,7 +104,7 @@ class ResultStore:
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         rep.bad_lines += 1  # e.g. the torn last line of a killed run
                         continue
-                    if not isinstance(rec, dict) or "key" not in rec or rec.get("status") not in ("ok", "failed"):
+                    if not isinstance(rec, dict) or "key" not in rec or rec.get("status") not in STORED_STATUSES:
                         rep.bad_lines += 1
                         continue
                     rep.records += 1
@@ -127,6 +143,7 @@ class ResultStore:
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line and fsync it before returning."""
+        _check_storable((record,))
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
             fd = self._open()
@@ -139,6 +156,8 @@ class ResultStore:
 
     def append_many(self, records: Iterable[dict[str, Any]]) -> None:
         """Several records with one fsync (for batched backends)."""
+        records = list(records)
+        _check_storable(records)
         data = b"".join((json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8") for r in records)
         if not data:
             return
@@ -208,6 +227,7 @@ def merge(
     quality_words: dict[str, str] | None = None,
     scores: dict[str, float] | None = None,
     max_tokens: int = 75,
+    pending_reasons: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, MergeReport]:
     """Add the caption columns to ``frame``.
 
@@ -216,8 +236,6 @@ def merge(
     ``status`` is not ok or it has no readable file). ``quality_words`` (key → word) replaces the
     model's quality word (aesthetic percentiles); ``scores`` fills the ``aesthetic`` column.
     """
-    from pycore.caption.schema import assemble, clip_token_count
-
     n = frame.height
     rep = MergeReport(rows=n)
     old = {c: (frame[c].to_list() if c in frame.columns else [None] * n) for c in CAPTION_COLUMNS}
@@ -244,7 +262,9 @@ def merge(
             cols["aesthetic"][i] = float(scores[key])
         if rec is None:
             cols["caption_status"][i] = "pending"
-            cols["caption_error"][i] = "not captioned yet (interrupted run or --limit); run the command again"
+            why = (pending_reasons or {}).get(key)  # type: ignore[arg-type]
+            cols["caption_error"][i] = (f"not captioned: {why}; run the command again" if why else
+                                        "not captioned yet (interrupted run or --limit); run the command again")  # fmt: skip
             rep.pending += 1
             continue
         cols["caption_model"][i] = rec.get("model")
@@ -260,24 +280,29 @@ def merge(
         cap = dict(rec["caption"])
         if quality_words is not None and key in quality_words:
             cap["quality"] = quality_words[key]
-        text = assemble(cap, prefix=prefix, keep_tokens=keep_tokens)
-        ntok = clip_token_count(text)
-        cols["caption"][i] = text
-        cols["summary"][i] = cap["summary"]
-        cols["elements"][i] = list(cap.get("elements") or [])
-        cols["inspired_by"][i] = cap.get("inspired_by")
-        cols["quality"][i] = cap.get("quality")
-        cols["caption_status"][i] = "ok"
-        cols["caption_tokens"][i] = ntok
-        cols["caption_too_long"][i] = ntok > max_tokens
-        rep.ok += 1
-        rep.too_long += ntok > max_tokens
-        rep.max_tokens = max(rep.max_tokens, ntok)
+        _put_caption(cols, i, cap, rep, prefix=prefix, keep_tokens=keep_tokens, max_tokens=max_tokens)
     from pycore.manifest import COLUMNS
 
-    series = []
-    for c in CAPTION_COLUMNS:
-        dtype = COLUMNS.get(c)
-        series.append(pl.Series(c, cols[c], dtype=dtype))
+    series = [pl.Series(c, cols[c], dtype=COLUMNS.get(c)) for c in CAPTION_COLUMNS]
     out = frame.drop([c for c in CAPTION_COLUMNS if c in frame.columns]).with_columns(series)
     return out, rep
+
+
+def _put_caption(cols: dict[str, list[Any]], i: int, cap: dict[str, Any], rep: MergeReport, *,
+                 prefix: str | None, keep_tokens: bool, max_tokens: int) -> None:  # fmt: skip
+    """Row i's caption columns from a structured caption."""
+    from pycore.caption.schema import assemble, clip_token_count
+
+    text = assemble(cap, prefix=prefix, keep_tokens=keep_tokens)
+    ntok = clip_token_count(text)
+    cols["caption"][i] = text
+    cols["summary"][i] = cap["summary"]
+    cols["elements"][i] = list(cap.get("elements") or [])
+    cols["inspired_by"][i] = cap.get("inspired_by")
+    cols["quality"][i] = cap.get("quality")
+    cols["caption_status"][i] = "ok"
+    cols["caption_tokens"][i] = ntok
+    cols["caption_too_long"][i] = ntok > max_tokens
+    rep.ok += 1
+    rep.too_long += ntok > max_tokens
+    rep.max_tokens = max(rep.max_tokens, ntok)
