@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fake_openai import FakeOpenAI
+from tests.kit.fake_openai import FakeOpenAI
 from pycore.caption.request import CaptionRequest
 from pycore.caption.run import CaptionResult, NothingCaptioned, caption_manifest
 from pycore.errors import HwError

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from fake_openai import FakeOpenAI
+from tests.kit.fake_openai import FakeOpenAI
 from pycore.manifest import Manifest
 from test_caption_openai import make_images
 
@@ -23,19 +23,9 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def tiny_spm(tmp_path_factory):
-    """A tiny step-aware preference model saved as an `hw spm-train` folder."""
-    from transformers import CLIPModel
-
-    from pycore.spo.preference import StepAwarePreferenceModel, tiny_spm_config, write_tiny_clip_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny_clip")
-    tok = write_tiny_clip_tokenizer(d)
-    torch.manual_seed(2)
-    CLIPModel(tiny_spm_config(tok)).save_pretrained(d)
-    out = tmp_path_factory.mktemp("spm") / "model"
-    StepAwarePreferenceModel.from_pretrained(str(d)).save_pretrained(out)
-    return out
+def tiny_spm(kit_spm):
+    """A tiny step-aware preference model saved as an `hw spm-train` folder (the kit's)."""
+    return kit_spm
 
 
 def _check_step(step: str, before: Manifest, after: Manifest) -> None:

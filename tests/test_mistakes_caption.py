@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from conftest import assert_one_line_error, tree_digest
-from fake_openai import FakeOpenAI
+from tests.kit.fake_openai import FakeOpenAI
 from pycore.manifest import read_manifest
 from test_caption_openai import assert_clean, caption_cmd, make_images
 
