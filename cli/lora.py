@@ -86,7 +86,8 @@ def merge_lora(
     json_out: Json = False,
     overwrite: Overwrite = False,
 ) -> None:
-    from pycore.lora.merge import LoraSpec, merge_into_checkpoint, merge_loras
+    from pycore.lora.combine import merge_loras
+    from pycore.lora.merge import LoraSpec, merge_into_checkpoint
 
     _prepare_lora_output(threads, fmt, layout)
     if into_lora:

@@ -26,3 +26,9 @@ def cpu_count() -> int:
 def max_threads() -> int:
     """The most worker threads any command starts."""
     return max(16, MAX_THREADS_PER_CORE * cpu_count())
+
+#: Largest |strength| a LoRA may be merged with (``LORA:WEIGHT``); real strengths are within ±10.
+MAX_LORA_STRENGTH = 1000.0
+
+#: Largest LoRA rank hw factorises to (``--rank``, ``--max-rank``); SDXL's widest layer has 5120 inputs.
+MAX_LORA_RANK = 4096

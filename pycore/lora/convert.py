@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from pycore.lora import formats as fm
 from pycore.io import atomic_dir
 from pycore.lora.io import LoraError, load_tensors, save_tensors
-from pycore.lora.layers import FORMATS, LoraLayer, LoraSet, parse_lora, peft_config_for, to_state_dict
+from pycore.lora.layers import FORMATS, LoraLayer, LoraSet, peft_config_for, to_state_dict
+from pycore.lora.read import parse_lora
 
 if TYPE_CHECKING:
     import torch
