@@ -295,6 +295,9 @@ class DoraLayer:
     def validate(self, name: str) -> None:
         self.inner.validate(name)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.tensors(), "dora_scale" if self.style == "lycoris" else "lora_magnitude_vector": self.magnitude}
+
     def check_magnitude(self, shape: tuple[int, ...]) -> None:
         n = self.magnitude.numel()
         if self.on_output(shape):
