@@ -191,14 +191,20 @@ def _is_diffusers_unet_path(path: str) -> bool:
     return head in ("down_blocks", "up_blocks", "mid_block", "time_embedding", "add_embedding", "conv_in", "conv_out", "conv_norm_out")
 
 
-def canonical_to_kohya(canonical: str, layout: str = "sgm", up_attn: frozenset[int] = SDXL_UP_ATTN) -> str:
+#: up_blocks whose upsampler is SGM child 2 (they carry attentions), per model family
+UP_ATTN = {"sdxl": SDXL_UP_ATTN, "sd15": frozenset({1, 2, 3})}
+
+
+def canonical_to_kohya(canonical: str, layout: str = "sgm", up_attn: frozenset[int] | None = None, base: str = "sdxl") -> str:
+    """kohya name of a canonical module; SD1.5's single text encoder is ``lora_te_``."""
     comp, path = split_canonical(canonical)
     if comp == "unet" and layout == "sgm":
-        sgm = unet_diffusers_to_sgm(path, up_attn)
+        sgm = unet_diffusers_to_sgm(path, up_attn or UP_ATTN.get(base, SDXL_UP_ATTN))
         if sgm is None:
             raise LoraError(f"no SGM name for UNet module {path!r}; use --kohya-layout diffusers")
         path = sgm
-    return KOHYA_PREFIX[comp] + path.replace(".", "_")
+    prefix = "lora_te_" if comp == "text_encoder" and base == "sd15" else KOHYA_PREFIX[comp]
+    return prefix + path.replace(".", "_")
 
 
 def split_canonical(canonical: str) -> tuple[str, str]:

@@ -141,8 +141,7 @@ def peft_config_for(layers: Mapping[str, LoraLayer], component: str) -> dict[str
     }
 
 
-def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.dtype | None = None,
-                  base_model: str = "sdxl_base_v1-0") -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
     """Serialise to (tensors, metadata). ``fmt`` kohya or diffusers (one file); see save_lora for peft."""
     import torch
 
@@ -153,24 +152,23 @@ def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.
         return t.to(dtype).contiguous() if dtype is not None else t.contiguous()
 
     if fmt == "kohya":
-        for canon, layer in sorted(lora.layers.items()):
-            k = fm.canonical_to_kohya(canon, layout)
-            tensors[f"{k}.lora_down.weight"] = cast(layer.down)
-            tensors[f"{k}.lora_up.weight"] = cast(layer.up)
-            tensors[f"{k}.alpha"] = torch.tensor(float(layer.alpha), dtype=torch.float32)
-        lin = [v for v in lora.layers.values() if v.down.dim() == 2 or tuple(v.down.shape[2:]) == (1, 1)]
-        conv = [v for v in lora.layers.values() if v not in lin]
-        ranks = {v.rank for v in lora.layers.values()}
+        for target, layer in sorted(lora.layers.items()):
+            tensors.update(_kohya_tensors(target, layer, layout, lora.base, cast))
+        plain = [_plain(v) for v in lora.layers.values() if _plain(v) is not None]
+        lin = [v for v in plain if v.down.dim() == 2 or tuple(v.down.shape[2:]) == (1, 1)]
+        conv = [v for v in plain if v not in lin]
+        ranks = {v.rank for v in plain}
+        main = lin or conv
         meta.update({
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(_common([v.rank for v in lin])) if lin else str(_common([v.rank for v in conv])),
-            "ss_network_alpha": _num(_common([v.alpha for v in lin])) if lin else _num(_common([v.alpha for v in conv])),
-            "ss_base_model_version": base_model,
+            "ss_network_module": "networks.lora" if lora.is_plain() else "lycoris.kohya",
+            "ss_network_dim": str(_common([v.rank for v in main])) if main else "0",
+            "ss_network_alpha": _num(_common([v.alpha for v in main])) if main else "0",
             "ss_v2": "False",
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         })  # fmt: skip
+        if lora.base in BASE_META:
+            meta["ss_base_model_version"], meta["modelspec.architecture"] = BASE_META[lora.base]
         if conv:
             meta["ss_network_args"] = json.dumps({"conv_dim": str(_common([v.rank for v in conv])), "conv_alpha": _num(_common([v.alpha for v in conv]))})
         if len(ranks) > 1:
@@ -179,6 +177,9 @@ def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.
 
         meta["sshs_model_hash"] = body_sha256(tensors.values())
     elif fmt == "diffusers":
+        if not lora.is_plain():
+            bad = next(k for k, v in lora.layers.items() if not isinstance(v, LoraLayer))
+            raise LoraError(f"{bad}: a {lora.families.get(bad, 'non-LoRA')} layer has no diffusers LoRA form; write --to kohya (keeps DoRA/.diff) or convert with --rank/--energy")
         adapter_meta: dict[str, Any] = {}
         for canon, layer in sorted(lora.layers.items()):
             tensors[f"{canon}.lora.down.weight"] = cast(layer.down)
@@ -192,6 +193,38 @@ def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.
     else:
         raise LoraError(f"unknown LoRA format {fmt!r}; choose kohya, diffusers or peft")
     return tensors, meta
+
+
+#: (ss_base_model_version, modelspec.architecture) written for each model family
+BASE_META = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"), "sd15": ("sd_v1", "stable-diffusion-v1/lora")}
+
+
+def _plain(layer: Any) -> LoraLayer | None:
+    inner = getattr(layer, "inner", layer)
+    return inner if isinstance(inner, LoraLayer) else None
+
+
+def _kohya_tensors(target: str, layer: Any, layout: str, base: str, cast: Any) -> dict[str, torch.Tensor]:
+    """kohya/LyCORIS keys of one adapter: LoRA (+ dora_scale for DoRA) or a .diff/.diff_b."""
+    import torch
+
+    k = fm.canonical_to_kohya(target.removesuffix("@bias"), layout, base=base if base in fm.UP_ATTN else "sdxl")
+    if target.endswith("@bias"):
+        if not hasattr(layer, "diff"):
+            raise LoraError(f"{target}: only a full difference (.diff_b) can be written for a bias")
+        return {f"{k}.diff_b": cast(layer.diff)}
+    inner = _plain(layer)
+    if inner is None:
+        if hasattr(layer, "diff"):
+            return {f"{k}.diff": cast(layer.diff)}
+        raise LoraError(f"{target}: a {getattr(layer, 'family', '?')} layer cannot be written as kohya LoRA")
+    out = {f"{k}.lora_down.weight": cast(inner.down), f"{k}.lora_up.weight": cast(inner.up), f"{k}.alpha": torch.tensor(float(inner.alpha), dtype=torch.float32)}
+    if layer is not inner:  # DoRA: LyCORIS spelling; PEFT's per-row magnitude becomes (out, 1, …)
+        m = layer.magnitude
+        if layer.style == "peft":
+            m = m.reshape(-1).reshape(-1, *[1] * (inner.down.dim() - 1))
+        out[f"{k}.dora_scale"] = cast(m)
+    return out
 
 
 def _num(x: float) -> str:

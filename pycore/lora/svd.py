@@ -115,6 +115,8 @@ def factorize(d: torch.Tensor, opts: SvdOptions) -> Factor:
     down = vh[:r]
     kept2 = float(s2[r - 1])
     err = math.sqrt(max(total - kept2, 0.0) / total)
+    if err < 0.05:  # ‖D‖² − Σs² cancels in fp32 when the error is small: measure it instead
+        err = float(torch.linalg.norm(a - up @ down)) / math.sqrt(total)
     if opts.clamp_quantile is not None and opts.clamp_quantile < 1.0:
         vals = torch.cat([up.flatten(), down.flatten()]).abs()
         k = max(1, min(vals.numel(), math.ceil(opts.clamp_quantile * vals.numel())))
