@@ -113,6 +113,13 @@ def save_lora(lora: LoraSet | Mapping[str, Any] | Any, path: str | os.PathLike[s
 
         ls.base, ls.base_evidence = detect_base(ls, [], ls.metadata)
     path = Path(path)
+    import warnings
+
+    from pycore.errors import HwWarning
+    from pycore.lora.info import write_warnings
+
+    for w in write_warnings(ls, format, layout):
+        warnings.warn(w, HwWarning, stacklevel=2)
     if format == "peft" and not ls.is_plain():
         bad = next(k for k, v in ls.layers.items() if not isinstance(v, LoraLayer))
         raise LoraError(f"{bad}: a {ls.families.get(bad, 'non-LoRA')} layer has no PEFT LoRA form here; write --to kohya or convert with --rank/--energy")

@@ -36,18 +36,21 @@ class SvdOptions:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        from pycore.checks import check_float, check_int
+        from pycore.limits import MAX_LORA_RANK
+
         if (self.rank is None) == (self.energy is None):
             raise LoraError("give exactly one of --rank or --energy")
-        if self.rank is not None and self.rank < 1:
-            raise LoraError("--rank must be at least 1")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise LoraError("--energy must be in (0, 1]")
-        if self.max_rank is not None and self.max_rank < 1:
-            raise LoraError("--max-rank must be at least 1")
+        if self.rank is not None:
+            check_int("--rank", self.rank, 1, MAX_LORA_RANK)
+        if self.energy is not None:
+            check_float("--energy", self.energy, 0.0, 1.0, lo_open=True)
+        if self.max_rank is not None:
+            check_int("--max-rank", self.max_rank, 1, MAX_LORA_RANK)
         if self.method not in ("auto", "lowrank", "full"):
             raise LoraError("--svd must be auto, lowrank or full")
-        if self.clamp_quantile is not None and not 0.0 < self.clamp_quantile <= 1.0:
-            raise LoraError("--clamp-quantile must be in (0, 1]")
+        if self.clamp_quantile is not None:
+            check_float("--clamp-quantile", self.clamp_quantile, 0.0, 1.0, lo_open=True)
 
 
 @dataclass
