@@ -210,8 +210,8 @@ def convert_lora(
     req = ConvertRequest(src, out, to, layout, rank, energy, max_rank, svd, dtype, trust_pickle, overwrite, device)
     with BarProgress(disable=json_out) as bar:
         rep = convert(req, bar)
-    if json_out:
-        return print_json(asdict(rep))
+    if json_out:  # "in"/"from" kept from the earlier JSON report
+        return print_json({"in": rep.src, "from": rep.source_format, **asdict(rep)})
     comps = ", ".join(f"{k} {v}" for k, v in rep.components.items() if v)
     how = "exactly" if rep.lossless else f"{rep.factorised} layer(s) by SVD"
     console.print(f"[green]wrote[/green] {rep.out}: {rep.layers} layers ({comps}), {rep.source_format} → {rep.to} ({rep.base}), {how}")
