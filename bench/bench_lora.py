@@ -265,7 +265,7 @@ def main() -> None:
             res["lora"] = {"modules": load_lora(work / "lora.safetensors").components(), "bytes": (work / "lora.safetensors").stat().st_size}
         else:
             log("writing base.safetensors and tuned.safetensors …")
-            res["generate"] = write_checkpoints(work, plan, tuned=True)
+            res["generate"] = write_checkpoints(work, plan, tuned=not args.skip_extract)
             log(f"  {res['generate']}")
             res["lora"] = write_lora(work, plan)
             log(f"  lora: {res['lora']}")

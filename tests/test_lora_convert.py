@@ -77,3 +77,17 @@ def test_sd15_is_not_relabelled(tmp_path):
     sd, meta = load_tensors(tmp_path / "k.safetensors")
     assert meta["ss_base_model_version"] == "sd_v1" and "xl" not in meta["modelspec.architecture"]
     assert {k.rsplit(".", 2)[0] if "lora_" in k.rsplit(".", 2)[-2] else k.rsplit(".", 1)[0] for k in sd} == {k1, k2}
+
+
+def test_into_lora_with_lycoris_needs_a_rank_and_is_exact_at_full_rank(tmp_path):
+    from pycore.lora.combine import merge_loras
+    from pycore.lora.merge import LoraSpec
+
+    want = loha_lokr_file(tmp_path / "l.safetensors")
+    with pytest.raises(LoraError, match="no exact LoRA form; give --rank or --energy"):
+        merge_loras([LoraSpec(tmp_path / "l.safetensors", 0.5)], tmp_path / "x.safetensors")
+    rep = merge_loras([LoraSpec(tmp_path / "l.safetensors", 0.5), LoraSpec(tmp_path / "l.safetensors", 0.25)], tmp_path / "m.safetensors", rank=24, svd="full")
+    assert rep.mode == "svd" and rep.max_error < 1e-5
+    back = load_lora(tmp_path / "m.safetensors")
+    for k, d in want.items():
+        torch.testing.assert_close(back.layers[k].delta().reshape(d.shape), 0.75 * d, atol=1e-4, rtol=1e-4)
