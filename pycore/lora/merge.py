@@ -159,24 +159,25 @@ def plan_merge(ck: Checkpoint, loras: Sequence[tuple[LoraSpec, LoraSet]]) -> tup
 
 
 def apply_adapters(w: torch.Tensor, items: Sequence[Item], device: str = "cpu") -> torch.Tensor:
-    """fp32 copy of w plus Σ strength·ΔW, each ΔW computed against the original w."""
+    """fp32 w plus Σ strength·ΔW, each ΔW computed against the original w (in place on the fp32
+    copy; the original is kept aside only when a family needs it: DoRA, IA3, set_weight)."""
     import torch
 
     w = w.to(device=device, dtype=torch.float32)
-    acc = torch.zeros_like(w)
+    ref = w.clone() if any(ad.needs_base for _, ad, _ in items) else w
     for pl, ad, strength in items:
         tg = pl.target
-        view, aview = w, acc
+        view, rview = w, ref
         if tg.rows is not None:
             i, n = tg.rows
             h = w.shape[0] // n
-            view, aview = w[i * h : (i + 1) * h], acc[i * h : (i + 1) * h]
+            view, rview = w[i * h : (i + 1) * h], ref[i * h : (i + 1) * h]
         if tg.transpose:
-            view, aview = view.T, aview.T
-        mod = view.reshape(pl.shape)
-        d = ad.delta_for(mod if ad.needs_base else None, pl.shape, device)
-        aview += (strength * d).reshape(aview.shape)
-    return w.add_(acc)
+            view, rview = view.T, rview.T
+        d = ad.delta_for(rview.reshape(pl.shape) if ad.needs_base else None, pl.shape, device)
+        view.add_(d.reshape(view.shape), alpha=strength)
+        del d
+    return w
 
 
 def merge_into_checkpoint(base: str | Path, specs: Sequence[LoraSpec], out: str | Path, *, dtype: str | None = None, allow_unused: bool = False,
