@@ -236,6 +236,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse base/tuned/lora.safetensors left by a --keep run")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--skip-baseline", action="store_true", help="skip the load-everything merge (needs ~2x the model in RAM)")
+    ap.add_argument("--before", type=Path, default=None, help="another checkout of hw (e.g. the main branch) whose merge-lora is measured right after this one's, same files and load")
     ap.add_argument("--skip-extract", action="store_true", help="measure the merges only")
     ap.add_argument("--families", default="loha,lokr", help="LyCORIS families also merged (streaming), each measured like the LoRA merge; '' for none")
     args = ap.parse_args()
@@ -274,6 +275,16 @@ def main() -> None:
         r = run_rss([*hw, "merge-lora", str(work / "base.safetensors"), str(work / "lora.safetensors"), "--out", str(work / "merged_hw.safetensors"), "--json", "--overwrite", "--threads", str(args.threads)])
         res["merge_hw"] = {k: v for k, v in r.items() if k != "stdout"}
         log(f"  {res['merge_hw']}")
+        if args.before is not None:
+            log(f"merge: the same with the hw in {args.before} …")
+            env = {**os.environ, "PYTHONPATH": str(args.before)}
+            r = run_rss(["env", f"PYTHONPATH={env['PYTHONPATH']}", "sh", "-c", f"cd {args.before} && exec {sys.executable} -m cli.app \"$@\"", "hw",
+                         "merge-lora", str(work / "base.safetensors"), str(work / "lora.safetensors"), "--out", str(work / "merged_before.safetensors"),
+                         "--json", "--overwrite", "--threads", str(args.threads)])  # fmt: skip
+            res["merge_before"] = {k: v for k, v in r.items() if k != "stdout"}
+            res["merge_before_identical"] = compare(work / "merged_hw.safetensors", work / "merged_before.safetensors")
+            log(f"  {res['merge_before']} identical: {res['merge_before_identical']}")
+            (work / "merged_before.safetensors").unlink()
         if not args.skip_baseline:
             log("merge: load everything (load_file + add + save_file) …")
             r = run_rss([sys.executable, "-c", BASELINE_MERGE.format(repo=str(REPO)), str(work / "base.safetensors"), str(work / "lora.safetensors"), str(work / "merged_base.safetensors")])
@@ -382,6 +393,9 @@ def report(res: dict) -> None:
         lines.append(f"| ratio (load-all / hw) | {lm['seconds'] / res['merge_hw']['seconds']:.2f}× | {lm['peak_rss_gb'] / res['merge_hw']['peak_rss_gb']:.1f}× |")
         lines.append("")
         lines.append(f"Merged outputs identical tensor by tensor: {res['merge_outputs_identical']}.")
+    if "merge_before" in res:
+        mb = res["merge_before"]
+        lines.append(f"| the same with the hw before this change (`--before`) | {mb['seconds']} s | {mb['peak_rss_gb']} GB |")
     for fam, what in (("loha", "LoHa rank 32"), ("lokr", "LoKr 4×4 ⊗ rank-16")):
         if f"merge_hw_{fam}" in res:
             m = res[f"merge_hw_{fam}"]
