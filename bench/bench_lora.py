@@ -138,6 +138,34 @@ def write_lora(work: Path, plan, rank: int = 64) -> dict:
     return {"modules": lora.components(), "bytes": (work / "lora.safetensors").stat().st_size}
 
 
+def write_lycoris(work: Path, plan, family: str) -> dict:
+    """A LyCORIS file on the same modules: LoHa rank 32 (as many parameters as LoRA rank 64) or
+    LoKr with a 4×4 full w1 and w2 factorised at rank 16 (LyCORIS's usual factor/dim split)."""
+    g = torch.Generator().manual_seed(3)
+    sd: dict = {}
+
+    def r(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.05).half()
+
+    for k, _, s, _ in plan:
+        for t in module_of(k):
+            shp = s if t.rows is None else (s[0] // 3, *s[1:])
+            if target_kind(t.canonical, len(shp)) not in ("attn", "te"):
+                continue
+            name = fm.canonical_to_kohya(t.canonical)
+            m, n = shp[0], math.prod(shp[1:])
+            if family == "loha":
+                sd |= {f"{name}.hada_w1_a": r(m, 32), f"{name}.hada_w1_b": r(32, n), f"{name}.hada_w2_a": r(m, 32), f"{name}.hada_w2_b": r(32, n)}
+            else:
+                sd |= {f"{name}.lokr_w1": r(4, 4), f"{name}.lokr_w2_a": r(m // 4, 16), f"{name}.lokr_w2_b": r(16, n // 4)}
+            sd[f"{name}.alpha"] = torch.tensor(8.0)
+    from pycore.lora.io import save_tensors
+
+    path = work / f"{family}.safetensors"
+    save_tensors(path, sd, {"ss_network_module": "lycoris.kohya"}, overwrite=True)
+    return {"tensors": len(sd), "bytes": path.stat().st_size}
+
+
 def run_rss(cmd: list[str]) -> dict:
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
@@ -163,13 +191,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from pycore.lora.checkpoint import open_checkpoint
 from pycore.lora.convert import load_lora
-from pycore.lora.merge import LoraSpec, apply_deltas, plan_merge
+from pycore.lora.merge import LoraSpec, apply_adapters, plan_merge
 base, lora_p, out = sys.argv[1:4]
 ck = open_checkpoint(base)
 plan, _ = plan_merge(ck, [(LoraSpec(lora_p), load_lora(lora_p))])
 sd = load_file(base)                      # the whole model in memory
 for (_, key), items in plan.items():
-    sd[key] = apply_deltas(sd[key], items).to(sd[key].dtype)
+    sd[key] = apply_adapters(sd[key], items).to(sd[key].dtype)
 save_file(sd, out)                        # save_file needs every tensor at once
 import os
 with open(out, "rb+") as f:               # flush to disk like hw's atomic write does, for equal work
@@ -207,6 +235,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse base/tuned/lora.safetensors left by a --keep run")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--skip-baseline", action="store_true", help="skip the load-everything merge (needs ~2x the model in RAM)")
+    ap.add_argument("--before", type=Path, default=None, help="another checkout of hw (e.g. the main branch) whose merge-lora is measured right after this one's, same files and load")
+    ap.add_argument("--skip-extract", action="store_true", help="measure the merges only")
+    ap.add_argument("--families", default="loha,lokr", help="LyCORIS families also merged (streaming), each measured like the LoRA merge; '' for none")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -234,7 +265,7 @@ def main() -> None:
             res["lora"] = {"modules": load_lora(work / "lora.safetensors").components(), "bytes": (work / "lora.safetensors").stat().st_size}
         else:
             log("writing base.safetensors and tuned.safetensors …")
-            res["generate"] = write_checkpoints(work, plan, tuned=True)
+            res["generate"] = write_checkpoints(work, plan, tuned=not args.skip_extract)
             log(f"  {res['generate']}")
             res["lora"] = write_lora(work, plan)
             log(f"  lora: {res['lora']}")
@@ -243,6 +274,16 @@ def main() -> None:
         r = run_rss([*hw, "merge-lora", str(work / "base.safetensors"), str(work / "lora.safetensors"), "--out", str(work / "merged_hw.safetensors"), "--json", "--overwrite", "--threads", str(args.threads)])
         res["merge_hw"] = {k: v for k, v in r.items() if k != "stdout"}
         log(f"  {res['merge_hw']}")
+        if args.before is not None:
+            log(f"merge: the same with the hw in {args.before} …")
+            env = {**os.environ, "PYTHONPATH": str(args.before)}
+            r = run_rss(["env", f"PYTHONPATH={env['PYTHONPATH']}", "sh", "-c", f"cd {args.before} && exec {sys.executable} -m cli.app \"$@\"", "hw",
+                         "merge-lora", str(work / "base.safetensors"), str(work / "lora.safetensors"), "--out", str(work / "merged_before.safetensors"),
+                         "--json", "--overwrite", "--threads", str(args.threads)])  # fmt: skip
+            res["merge_before"] = {k: v for k, v in r.items() if k != "stdout"}
+            res["merge_before_identical"] = compare(work / "merged_hw.safetensors", work / "merged_before.safetensors")
+            log(f"  {res['merge_before']} identical: {res['merge_before_identical']}")
+            (work / "merged_before.safetensors").unlink()
         if not args.skip_baseline:
             log("merge: load everything (load_file + add + save_file) …")
             r = run_rss([sys.executable, "-c", BASELINE_MERGE.format(repo=str(REPO)), str(work / "base.safetensors"), str(work / "lora.safetensors"), str(work / "merged_base.safetensors")])
@@ -252,6 +293,18 @@ def main() -> None:
             log(f"  outputs identical: {res['merge_outputs_identical']}")
             (work / "merged_base.safetensors").unlink()
         (work / "merged_hw.safetensors").unlink()
+        for fam in [f for f in args.families.split(",") if f]:
+            res[f"{fam}_file"] = write_lycoris(work, plan, fam)
+            log(f"merge: hw merge-lora with a {fam} file {res[f'{fam}_file']} …")
+            r = run_rss([*hw, "merge-lora", str(work / "base.safetensors"), str(work / f"{fam}.safetensors"), "--out", str(work / "merged_hw.safetensors"), "--json", "--overwrite", "--threads", str(args.threads)])
+            res[f"merge_hw_{fam}"] = {k: v for k, v in r.items() if k != "stdout"}
+            log(f"  {res[f'merge_hw_{fam}']}")
+            (work / "merged_hw.safetensors").unlink()
+            (work / f"{fam}.safetensors").unlink()
+        if args.skip_extract:
+            res["total_seconds"] = round(time.perf_counter() - t_all, 1)
+            report(res)
+            return
 
         log("extract: hw extract-lora --rank 64 (randomized low-rank SVD) …")
         r = run_rss([*hw, "extract-lora", str(work / "tuned.safetensors"), str(work / "base.safetensors"), "--out", str(work / "x.safetensors"), "--rank", "64", "--json", "--overwrite", "--threads", str(args.threads)])
@@ -339,6 +392,20 @@ def report(res: dict) -> None:
         lines.append(f"| ratio (load-all / hw) | {lm['seconds'] / res['merge_hw']['seconds']:.2f}× | {lm['peak_rss_gb'] / res['merge_hw']['peak_rss_gb']:.1f}× |")
         lines.append("")
         lines.append(f"Merged outputs identical tensor by tensor: {res['merge_outputs_identical']}.")
+    if "merge_before" in res:
+        mb = res["merge_before"]
+        lines.append(f"| the same with the hw before this change (`--before`) | {mb['seconds']} s | {mb['peak_rss_gb']} GB |")
+    for fam, what in (("loha", "LoHa rank 32"), ("lokr", "LoKr 4×4 ⊗ rank-16")):
+        if f"merge_hw_{fam}" in res:
+            m = res[f"merge_hw_{fam}"]
+            lines.append(f"| `hw merge-lora` (streaming), {what} file ({res[f'{fam}_file']['bytes'] / 1e6:.0f} MB) | {m['seconds']} s | {m['peak_rss_gb']} GB |")
+    if "svd" not in res:
+        lines += ["", f"Total benchmark time {res['total_seconds']} s (extraction not run)."]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        (REPO / "bench" / "out").mkdir(parents=True, exist_ok=True)
+        (REPO / "bench" / "out" / "lora_merge_families.md").write_text(text)
+        return
     s, e = res["svd"], res["extract_hw"]
     lines += [
         "",

@@ -25,7 +25,7 @@ from pycore.errors import HwError, HwWarning
 COMMANDS = {
     "bucket": "cli.bucket", "dedup": "cli.dedup", "caption": "cli.caption",
     "spm-score": "cli.spm", "spm-train": "cli.spm", "spo-train": "cli.spo", "spo-sample": "cli.spo",
-    "merge-lora": "cli.lora", "extract-lora": "cli.lora", "convert-lora": "cli.lora",
+    "merge-lora": "cli.lora", "extract-lora": "cli.lora", "convert-lora": "cli.lora", "lora-info": "cli.lora",
 }  # fmt: skip
 
 app = typer.Typer(

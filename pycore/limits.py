@@ -32,3 +32,9 @@ def max_threads() -> int:
 
 #: Most requests `hw caption` keeps in flight at once (each holds an encoded image in memory).
 MAX_CAPTION_CONCURRENCY = 1024
+
+#: Largest |strength| a LoRA may be merged with (``LORA:WEIGHT``); real strengths are within ±10.
+MAX_LORA_STRENGTH = 1000.0
+
+#: Largest LoRA rank hw factorises to (``--rank``, ``--max-rank``); SDXL's widest layer has 5120 inputs.
+MAX_LORA_RANK = 4096

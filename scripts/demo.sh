@@ -74,7 +74,7 @@ echo "   --spm spo-sdxl) on the sample's captions, then hw spo-sample: before/af
 "$hw" spo-sample --base out/tiny_sdxl --lora out/spo_run/spo_lora_diffusers.safetensors --prompts out/sample_captioned.parquet \
   --prompt-column caption --limit 4 --compare --spm out/tiny_spm --resolution 8 --out out/spo_samples --overwrite
 echo
-echo "== LoRA tools on a tiny generated SDXL-named checkpoint: convert to kohya, merge, extract, combine"
+echo "== LoRA tools on a tiny generated SDXL-named checkpoint: inspect, convert to kohya, merge, extract, combine; a LyCORIS LoHa file too"
 mkdir -p out/lora_demo
 "$venv/bin/python" - <<'PY'
 import torch
@@ -91,13 +91,23 @@ save_lora(LoraSet({
     "unet.down_blocks.0.resnets.0.conv1": LoraLayer(torch.randn(4, 32, 3, 3, generator=g), torch.randn(32, 4, 1, 1, generator=g), 4.0),
     "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj": LoraLayer(torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g), 4.0),
 }), "out/lora_demo/style_diffusers.safetensors", "diffusers", overwrite=True)
+k = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # a LyCORIS LoHa, as downloaded from model sites
+save_tensors("out/lora_demo/detail_loha.safetensors", {f"{k}.hada_w1_a": torch.randn(64, 4, generator=g), f"{k}.hada_w1_b": torch.randn(4, 64, generator=g),
+             f"{k}.hada_w2_a": torch.randn(64, 4, generator=g), f"{k}.hada_w2_b": torch.randn(4, 64, generator=g), f"{k}.alpha": torch.tensor(2.0)}, overwrite=True)
 PY
+"$hw" lora-info out/lora_demo/style_diffusers.safetensors
+"$hw" lora-info out/lora_demo/detail_loha.safetensors
 "$hw" convert-lora out/lora_demo/style_diffusers.safetensors --to kohya --out out/lora_demo/style_kohya.safetensors --overwrite
 "$hw" merge-lora out/lora_demo/base.safetensors out/lora_demo/style_kohya.safetensors:0.8 --out out/lora_demo/merged.safetensors --overwrite
 "$hw" extract-lora out/lora_demo/merged.safetensors out/lora_demo/base.safetensors --rank 4 --out out/lora_demo/extracted.safetensors --overwrite
 "$hw" merge-lora --into-lora out/lora_demo/style_kohya.safetensors:0.5 out/lora_demo/extracted.safetensors:0.5 --out out/lora_demo/combined.safetensors --overwrite
+# the LoHa: merged exactly with the kohya LoRA; as plain LoRA, rank 16 (= 4·4, the Hadamard product's rank) is exact, rank 4 is not
+"$hw" merge-lora out/lora_demo/base.safetensors out/lora_demo/style_kohya.safetensors:0.8 out/lora_demo/detail_loha.safetensors:0.5 --out out/lora_demo/merged_mix.safetensors --overwrite
+"$hw" convert-lora out/lora_demo/detail_loha.safetensors --to kohya --rank 16 --out out/lora_demo/detail_lora.safetensors --overwrite
+"$hw" convert-lora out/lora_demo/detail_loha.safetensors --to kohya --rank 4 --out out/lora_demo/detail_lora_r4.safetensors --overwrite
+"$hw" lora-info out/lora_demo/detail_lora.safetensors
 echo
 echo "Outputs in out/: sample.parquet (manifest), buckets.png (histogram), kohya_meta.json (kohya metadata),"
 echo "sample_dedup.parquet + dedup_review.html + dedup_stats.svg, caption_batch/ + sample_captioned.parquet + sample_captions.jsonl,"
 echo "sample_scored.parquet, spo_run/ (SPO LoRA, config, checkpoints, samples, logs), spo_samples/ (before/after grid),"
-echo "lora_demo/ (converted, merged, extracted and combined LoRAs)"
+echo "lora_demo/ (converted, merged, extracted and combined LoRAs; a LoHa merged and converted to plain LoRA)"

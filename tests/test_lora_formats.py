@@ -86,7 +86,8 @@ def test_sdxl_unet_single_file_names_match_diffusers_converter(sdxl_meta):
         sgm, fuse, tr = fm.diffusers_to_sgm_key("unet", k)
         assert fuse is None and not tr
         ck[sgm] = v
-        assert [t.canonical for t in fm.sgm_targets(sgm)] == ([f"unet.{k[: -len('.weight')]}"] if k.endswith(".weight") else [])
+        want = [f"unet.{k[: -len('.weight')]}"] if k.endswith(".weight") else [f"unet.{k[: -len('.bias')]}@bias"] if k.endswith(".bias") else []
+        assert [t.canonical for t in fm.sgm_targets(sgm)] == want
     back = convert_ldm_unet_checkpoint(ck, dict(unet.config))
     assert set(back) == set(sd)
     assert all(back[k] is sd[k] for k in sd)

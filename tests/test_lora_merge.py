@@ -13,7 +13,8 @@ from pycore.lora.convert import convert_lora, load_lora, save_lora  # noqa: E402
 from pycore.lora.extract import SvdOptions, extract_lora, factorize  # noqa: E402
 from pycore.lora.io import LoraError, file_body_sha256, load_tensors, save_tensors  # noqa: E402
 from pycore.lora.layers import LoraLayer, LoraSet  # noqa: E402
-from pycore.lora.merge import LoraSpec, concat_loras, merge_into_checkpoint, merge_loras  # noqa: E402
+from pycore.lora.combine import concat_loras, merge_loras  # noqa: E402
+from pycore.lora.merge import LoraSpec, merge_into_checkpoint  # noqa: E402
 
 U = fm.SGM_UNET
 Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -199,7 +200,7 @@ def test_malformed_loras_fail_with_one_line_errors(tmp_path):
         "unknown": ({**sd, "lora_unet_foo_bar.lora_down.weight": torch.zeros(1, 1)}, "not LoRA keys hw understands: lora_unet_foo_bar"),
         "half": ({k: v for k, v in sd.items() if not k.endswith("attn1_to_q.lora_up.weight")}, "lack a LoRA half.*to_q \\(up missing\\)"),
         "nan": ({**sd, next(k for k in sd if k.endswith("lora_down.weight")): torch.full_like(sd[next(k for k in sd if k.endswith("lora_down.weight"))], float("nan"))}, "NaN/Inf"),
-        "lycoris": ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.hada_w1_a": torch.zeros(2, 2)}, "LyCORIS LoHa"),
+        "lycoris": ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.hada_w1_a": torch.zeros(2, 2)}, "LoHa module .*to_q lacks .*hada_w1_b"),
         "rank": ({**sd, "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(20, 5)}, "ranks differ"),
     }
     for name, (bad, msg) in cases.items():

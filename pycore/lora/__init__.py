@@ -10,8 +10,10 @@ from __future__ import annotations
 from pycore.lora.convert import convert_lora, load_lora, save_lora
 from pycore.lora.extract import SvdOptions, extract_lora, factorize
 from pycore.lora.io import LoraError, SafeReader, SafeWriter
-from pycore.lora.layers import LoraLayer, LoraSet, parse_lora, to_state_dict
-from pycore.lora.merge import LoraSpec, concat_loras, merge_into_checkpoint, merge_loras
+from pycore.lora.layers import LoraLayer, LoraSet, to_state_dict
+from pycore.lora.read import parse_lora
+from pycore.lora.combine import concat_loras, merge_loras
+from pycore.lora.merge import LoraSpec, merge_into_checkpoint
 
 __all__ = [
     "LoraError", "LoraLayer", "LoraSet", "LoraSpec", "SafeReader", "SafeWriter", "SvdOptions", "concat_loras",

@@ -72,6 +72,7 @@ class Checkpoint:
     files: list[CkptFile]
     other_files: list[str] = field(default_factory=list)  # relative paths copied as they are
     headers: dict[Path, tuple[dict[str, TensorInfo], dict[str, str]]] = field(default_factory=dict)
+    base: str = "unknown"  # 'sdxl' | 'sd15' | 'other' | 'unknown' (see checkpoint_base)
 
     def index(self) -> dict[str, list[Placement]]:
         """canonical module -> every place its weight lives (several for fp16/fp32 variants)."""
@@ -85,6 +86,23 @@ class Checkpoint:
         return dict(idx)
 
 
+def checkpoint_base(ck: Checkpoint) -> str:
+    """Which model family a checkpoint is: SDXL (two text encoders or the SDXL size embedding),
+    SD1.5 (one CLIP-L text encoder), 'other' (e.g. SD2's OpenCLIP-H) or 'unknown'."""
+    keys = [k for f in ck.files for k in ck.headers[f.path][0]]
+    comps = {f.component for f in ck.files}
+    if "text_encoder_2" in comps or any(k.startswith((fm.SGM_TE2, fm.SGM_UNET + "label_emb.", "add_embedding.")) for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "other"
+    widths = {info.shape[1] for f in ck.files for k, info in ck.headers[f.path][0].items() if k.endswith("attn2.to_k.weight") and len(info.shape) == 2}
+    if widths & {1024}:
+        return "other"
+    if "text_encoder" in comps or any(k.startswith(fm.SGM_TE_SD15) for k in keys):
+        return "sd15"
+    return "unknown"
+
+
 def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
     path = Path(path)
     if not path.exists():
@@ -96,8 +114,9 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         ck = Checkpoint(path, "single", [f])
         ck.headers[path] = read_header(path)[:2]
         keys = ck.headers[path][0]
-        if not any(k.startswith((fm.SGM_UNET, fm.SGM_TE1, fm.SGM_TE2)) for k in keys):
-            raise LoraError(f"{path}: no SDXL single-file keys (model.diffusion_model.*, conditioner.embedders.*); is it a LoRA or a diffusers component file?")
+        if not any(k.startswith((fm.SGM_UNET, fm.SGM_TE1, fm.SGM_TE2, fm.SGM_TE_SD15)) for k in keys):
+            raise LoraError(f"{path}: no SDXL/SD1.5 single-file keys (model.diffusion_model.*, conditioner.embedders.*, cond_stage_model.*); is it a LoRA or a diffusers component file?")
+        ck.base = checkpoint_base(ck)
         return ck
     comps = [c for c in fm.DIFFUSERS_FOLDERS if (path / c).is_dir()]
     if not comps:
@@ -118,6 +137,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
             weight_files.add(p)
     if not ck.files:
         raise LoraError(f"{path}: no .safetensors weights in {', '.join(comps)}")
+    ck.base = checkpoint_base(ck)
     for p in sorted(path.rglob("*")):
         if p.is_file() and p not in weight_files:
             ck.other_files.append(str(p.relative_to(path)))

@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pycore.lora import formats as fm
 from pycore.io import atomic_dir
 from pycore.lora.io import LoraError, load_tensors, save_tensors
-from pycore.lora.layers import FORMATS, LoraLayer, LoraSet, parse_lora, peft_config_for, to_state_dict
+from pycore.lora.layers import FORMATS, LoraLayer, LoraSet, peft_config_for, to_state_dict
+from pycore.lora.read import parse_lora
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +108,21 @@ def save_lora(lora: LoraSet | Mapping[str, Any] | Any, path: str | os.PathLike[s
         raise LoraError(f"kohya layout must be sgm or diffusers, not {layout!r}")
     ls = as_lora_set(lora, alpha=alpha, component=component, adapter_name=adapter_name)
     ls.check_finite()
+    if ls.base == "unknown":
+        from pycore.lora.read import detect_base
+
+        ls.base, ls.base_evidence = detect_base(ls, [], ls.metadata)
     path = Path(path)
+    import warnings
+
+    from pycore.errors import HwWarning
+    from pycore.lora.info import write_warnings
+
+    for w in write_warnings(ls, format, layout):
+        warnings.warn(w, HwWarning, stacklevel=2)
+    if format == "peft" and not ls.is_plain():
+        bad = next(k for k, v in ls.layers.items() if not isinstance(v, LoraLayer))
+        raise LoraError(f"{bad}: a {ls.families.get(bad, 'non-LoRA')} layer has no PEFT LoRA form here; write --to kohya or convert with --rank/--energy")
     if format == "peft":
         _save_peft_dir(ls, path, metadata, dtype, overwrite)
     else:
@@ -178,14 +193,120 @@ def _save_peft_dir(ls: LoraSet, path: Path, metadata: Mapping[str, str] | None, 
             (d / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def convert_lora(src: str | os.PathLike[str], out: str | os.PathLike[str], to: str, *, layout: str = "sgm",
-                 trust_pickle: bool = False, overwrite: bool = False, dtype: torch.dtype | None = None) -> dict[str, Any]:  # fmt: skip
-    """Convert a LoRA between formats without changing any number (keys, alphas, shapes)."""
-    lora = load_lora(src, trust_pickle=trust_pickle)
+@dataclass
+class ConvertRequest:
+    """``hw convert-lora SRC --to FORMAT --out OUT`` (validated on creation)."""
+
+    src: Path
+    out: Path
+    to: str = "kohya"
+    layout: str = "sgm"
+    rank: int | None = None  # SVD rank for families with no exact LoRA form (LoHa, LoKr, full diff)
+    energy: float | None = None  # … or the fraction of each layer's Frobenius norm to keep
+    max_rank: int | None = None
+    svd: str = "auto"
+    dtype: str | None = None
+    trust_pickle: bool = False
+    overwrite: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from pycore.checks import check_output, parse_device
+        from pycore.lora.merge import out_dtype_code
+        from pycore.lora.svd import SvdOptions
+
+        self.src, self.out = Path(self.src), Path(self.out)
+        if self.to not in FORMATS:
+            raise LoraError(f"--to must be one of {', '.join(FORMATS)}, not {self.to!r}")
+        if self.layout not in ("sgm", "diffusers"):
+            raise LoraError(f"--kohya-layout must be sgm or diffusers, not {self.layout!r}")
+        if not self.src.exists():
+            raise LoraError(f"{self.src} does not exist")
+        out_dtype_code(self.dtype)
+        self.device = parse_device(self.device)
+        if self.rank is not None or self.energy is not None:
+            SvdOptions(rank=self.rank, energy=self.energy, max_rank=self.max_rank, method=self.svd)
+        check_output(self.out, inputs=[self.src], overwrite=self.overwrite, folder=self.to == "peft")
+
+
+@dataclass
+class ConvertReport:
+    src: str
+    out: str
+    source_format: str
+    to: str
+    base: str
+    layers: int
+    components: dict[str, int]
+    families: dict[str, int]
+    lossless: bool
+    factorised: int = 0  # layers turned into LoRA by SVD
+    error_by_block: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    max_error: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _kept_as_is(target: str, ad: Any, to: str) -> bool:
+    """Layers written without change: plain LoRA always; DoRA-on-LoRA and full diffs in kohya files."""
+    if isinstance(ad, LoraLayer):
+        return True
+    if to != "kohya":
+        return False
+    return isinstance(getattr(ad, "inner", None), LoraLayer) or (hasattr(ad, "diff") and (target.endswith("@bias") or ad.diff.dim() == 1))
+
+
+def convert(req: ConvertRequest, progress: Any = None) -> ConvertReport:
+    """Convert a LoRA of any family into plain LoRA (kohya, diffusers or PEFT).
+
+    LoRA/LoCon (Tucker folded in) is copied exactly; DoRA and bias/norm differences are kept
+    as they are in kohya output; LoHa, LoKr and full weight differences are factorised by SVD
+    to ``rank``/``energy`` with the relative error per layer and block reported.
+    """
+    import torch
+
+    from pycore.lora.combine import summed_deltas
+    from pycore.lora.merge import out_dtype_code
+    from pycore.lora.svd import SvdOptions, factorize_all
+    from pycore.progress import NO_PROGRESS
+
+    lora = load_lora(req.src, trust_pickle=req.trust_pickle)
+    keep = {k: v for k, v in lora.layers.items() if _kept_as_is(k, v, req.to)}
+    rest = LoraSet({k: v for k, v in lora.layers.items() if k not in keep}, families=lora.families)
+    rep = ConvertReport(str(req.src), str(req.out), lora.source_format, req.to, lora.base, 0, {}, lora.family_counts(), not rest.layers, notes=list(lora.notes))
+    dt = getattr(torch, {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[out_dtype_code(req.dtype)]) if req.dtype else None  # type: ignore[index]
+    result = LoraSet(dict(keep), families={k: lora.families.get(k, "lora") for k in keep}, base=lora.base, base_evidence=lora.base_evidence)
+    if rest.layers:
+        fams = sorted({lora.families.get(k, "?") for k in rest.layers})
+        based = next((k for k, v in rest.layers.items() if v.needs_base), None)
+        if based is not None:
+            raise LoraError(f"{based}: a {lora.families.get(based, '?')} layer depends on the base weights and has no {req.to} LoRA form; "
+                            "write --to kohya (DoRA on LoRA keeps its dora_scale) or merge it into a checkpoint")  # fmt: skip
+        if req.rank is None and req.energy is None:
+            raise LoraError(f"{len(rest.layers)} layer(s) ({', '.join(fams)}) have no exact {req.to} LoRA form; give --rank or --energy to factorise them (e.g. {next(iter(rest.layers))})")
+        opts = SvdOptions(rank=req.rank, energy=req.energy, max_rank=req.max_rank, method=req.svd, device=req.device)
+        svd_set, errs = factorize_all(summed_deltas([(1.0, rest)], lora.base), opts, dt or torch.float32, progress or NO_PROGRESS)
+        result.layers.update(svd_set.layers)
+        result.families.update(svd_set.families)
+        rep.factorised, rep.errors, rep.error_by_block, rep.max_error = len(svd_set.layers), errs.per_layer, errs.by_block, errs.max
     ours = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_network_args",
             "ss_v2", "sshs_model_hash", "sshs_legacy_hash", "ss_network_dim_note"}  # fmt: skip
     # carry over the training metadata a kohya source had (ss_*, modelspec.*), never the hashes or dims
-    keep = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in ours and not k.startswith("modelspec.architecture")}
-    rep = save_lora(lora, out, to, layout=layout, dtype=dtype, overwrite=overwrite, metadata=keep or None)
-    return {"in": str(src), "out": str(out), "from": lora.source_format, "to": to, "layers": rep.layers,
-            "components": rep.components, "notes": lora.notes}  # fmt: skip
+    meta = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in ours and not k.startswith("modelspec.architecture")}
+    saved = save_lora(result, req.out, req.to, layout=req.layout, dtype=dt, overwrite=req.overwrite, metadata=meta or None)
+    rep.layers, rep.components = saved.layers, saved.components
+    return rep
+
+
+def convert_lora(src: str | os.PathLike[str], out: str | os.PathLike[str], to: str, *, layout: str = "sgm",
+                 trust_pickle: bool = False, overwrite: bool = False, dtype: Any = None, **svd: Any) -> dict[str, Any]:  # fmt: skip
+    """Keyword form of :func:`convert` returning a dict (``dtype`` a name or torch dtype)."""
+    from pycore.checks import dtype_name
+
+    req = ConvertRequest(Path(src), Path(out), to, layout, dtype=dtype_name(dtype) if dtype is not None else None,
+                         trust_pickle=trust_pickle, overwrite=overwrite, **svd)  # fmt: skip
+    rep = convert(req)
+    return {"in": rep.src, "out": rep.out, "from": rep.source_format, "to": rep.to, "layers": rep.layers,
+            "components": rep.components, "notes": rep.notes, "base": rep.base, "lossless": rep.lossless,
+            "families": rep.families, "error_by_block": rep.error_by_block, "max_error": rep.max_error}  # fmt: skip

@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pycore.lora import formats as fm
-from pycore.lora.checkpoint import Placement, open_checkpoint, target_kind
+from pycore.errors import NothingDone
+from pycore.lora.checkpoint import Checkpoint, Placement, open_checkpoint, target_kind
+from pycore.progress import NO_PROGRESS, Progress
 from pycore.lora.io import LoraError, SafeReader, parse_dtype_option, torch_dtype
 from pycore.lora.layers import LoraLayer, LoraSet
+from pycore.lora.svd import Factor, SvdOptions, block_of, factorize, randomized_svd  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -31,119 +34,6 @@ if TYPE_CHECKING:
 #: skipped (fp16 weights of magnitude ~0.01–1 cannot change by less than ~1e-5).
 DEFAULT_MIN_DIFF = 1e-6
 
-
-@dataclass
-class SvdOptions:
-    rank: int | None = None
-    energy: float | None = None  # keep this fraction of the Frobenius norm per layer
-    max_rank: int | None = None  # cap for --energy (default 128)
-    method: str = "auto"  # auto | lowrank | full
-    oversample: int = 16
-    niter: int = 2
-    clamp_quantile: float | None = None
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if (self.rank is None) == (self.energy is None):
-            raise LoraError("give exactly one of --rank or --energy")
-        if self.rank is not None and self.rank < 1:
-            raise LoraError("--rank must be at least 1")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise LoraError("--energy must be in (0, 1]")
-        if self.max_rank is not None and self.max_rank < 1:
-            raise LoraError("--max-rank must be at least 1")
-        if self.method not in ("auto", "lowrank", "full"):
-            raise LoraError("--svd must be auto, lowrank or full")
-        if self.clamp_quantile is not None and not 0.0 < self.clamp_quantile <= 1.0:
-            raise LoraError("--clamp-quantile must be in (0, 1]")
-
-
-@dataclass
-class Factor:
-    up: torch.Tensor
-    down: torch.Tensor
-    rank: int
-    kept: float  # sqrt(Σ kept s² / ‖D‖²)
-    rel_error: float  # ‖D − up@down‖ / ‖D‖
-    method: str
-    total: float = 0.0  # ‖D‖²
-
-
-def randomized_svd(a: torch.Tensor, q: int, niter: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Halko et al. randomized SVD (as torch.svd_lowrank, but seeded): U (m×q), S (q), Vh (q×n)."""
-    import torch
-
-    g = torch.Generator(device=a.device).manual_seed(seed)
-    m, n = a.shape
-    transpose = m < n
-    if transpose:
-        a = a.T
-        m, n = n, m
-    omega = torch.randn(n, q, generator=g, device=a.device, dtype=a.dtype)
-    y, _ = torch.linalg.qr(a @ omega)
-    for _ in range(niter):
-        z, _ = torch.linalg.qr(a.T @ y)
-        y, _ = torch.linalg.qr(a @ z)
-    b = y.T @ a  # q × n
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    u = y @ ub
-    if transpose:
-        return vh.T, s, u.T
-    return u, s, vh
-
-
-def factorize(d: torch.Tensor, opts: SvdOptions) -> Factor:
-    """Truncated SVD of a weight difference (2-D, or 4-D conv: flattened); up = U·S, down = Vᵀ."""
-    import torch
-
-    shape = d.shape
-    a = d.to(device=opts.device, dtype=torch.float32).flatten(1)
-    m, n = a.shape
-    full_rank = min(m, n)
-    cap = min(opts.rank if opts.rank is not None else (opts.max_rank or 128), full_rank)
-    total = float((a * a).sum())
-    if total == 0.0:
-        raise LoraError("cannot factorise an all-zero difference")
-    q = min(cap + opts.oversample, full_rank)
-    method = opts.method
-    if method == "auto":
-        method = "full" if full_rank <= 2 * q else "lowrank"
-    if method == "full":
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    else:
-        u, s, vh = randomized_svd(a, q, opts.niter, opts.seed)
-    s2 = (s.double() ** 2).cumsum(0)
-    if opts.energy is not None:
-        need = opts.energy**2 * total
-        hits = (s2[:cap] >= need * (1 - 1e-12)).nonzero()
-        r = int(hits[0]) + 1 if len(hits) else cap
-    else:
-        r = cap
-    up = u[:, :r] * s[:r]
-    down = vh[:r]
-    kept2 = float(s2[r - 1])
-    err = math.sqrt(max(total - kept2, 0.0) / total)
-    if opts.clamp_quantile is not None and opts.clamp_quantile < 1.0:
-        vals = torch.cat([up.flatten(), down.flatten()]).abs()
-        k = max(1, min(vals.numel(), math.ceil(opts.clamp_quantile * vals.numel())))
-        hi = float(vals.kthvalue(k).values)
-        up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
-        err = float(torch.linalg.norm(a - up @ down)) / math.sqrt(total)
-    if len(shape) == 4:
-        down = down.reshape(r, *shape[1:])
-        up = up.reshape(shape[0], r, 1, 1)
-    return Factor(up.contiguous(), down.contiguous(), r, math.sqrt(min(kept2 / total, 1.0)), err, method, total)
-
-
-def block_of(canonical: str) -> str:
-    comp, path = fm.split_canonical(canonical)
-    if comp != "unet":
-        return comp
-    p = path.split(".")
-    if p[0] in ("down_blocks", "up_blocks"):
-        return f"unet.{p[0]}.{p[1]}"
-    return f"unet.{p[0]}"
 
 
 @dataclass
@@ -192,32 +82,65 @@ class _TensorCache:
             r.close()
 
 
+@dataclass
+class ExtractRequest:
+    """``hw extract-lora TUNED BASE --out OUT`` (validated on creation; OUT may be neither input)."""
+
+    tuned: Path
+    base: Path
+    out: Path
+    opts: SvdOptions
+    fmt: str = "kohya"
+    layout: str = "sgm"
+    conv: bool = True
+    text_encoders: bool = True
+    min_diff: float = DEFAULT_MIN_DIFF
+    dtype: str = "fp16"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from pycore.checks import check_float, check_output, parse_device
+        from pycore.lora.layers import FORMATS
+        from pycore.lora.merge import out_dtype_code
+
+        self.tuned, self.base, self.out = Path(self.tuned), Path(self.base), Path(self.out)
+        for p in (self.tuned, self.base):
+            if not p.exists():
+                raise LoraError(f"{p} does not exist")
+        if self.fmt not in FORMATS or self.layout not in ("sgm", "diffusers"):
+            raise LoraError(f"--format must be one of {', '.join(FORMATS)} and --kohya-layout sgm or diffusers")
+        check_float("--min-diff", self.min_diff, 0.0, 1e3)
+        out_dtype_code(self.dtype)
+        self.opts.device = parse_device(self.opts.device)
+        check_output(self.out, inputs=[self.tuned, self.base], overwrite=self.overwrite, folder=self.fmt == "peft")
+
+
 def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str], opts: SvdOptions, *,
                  fmt: str = "kohya", layout: str = "sgm", conv: bool = True, text_encoders: bool = True,
                  min_diff: float = DEFAULT_MIN_DIFF, dtype: str = "fp16", overwrite: bool = False,
                  on_layer: Callable[[int, int], None] | None = None) -> ExtractReport:  # fmt: skip
-    """Factorise every targetable layer's difference into a LoRA and save it (kohya by default)."""
-    import torch
+    """Keyword form of :func:`extract`."""
+    from pycore.lora.merge import _CallbackProgress
 
-    from pycore.lora.convert import save_lora
+    req = ExtractRequest(Path(tuned), Path(base), Path(out), opts, fmt, layout, conv, text_encoders, min_diff, dtype, overwrite)
+    return extract(req, _CallbackProgress(on_layer) if on_layer else NO_PROGRESS)
 
-    t0 = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise LoraError(f"{out} exists; pass --overwrite to replace it")
-    if min_diff < 0:
-        raise LoraError("--min-diff must be >= 0")
-    out_dt = torch_dtype(parse_dtype_option(dtype))
-    ck_t, ck_b = open_checkpoint(tuned), open_checkpoint(base)
+
+def plan_layers(ck_t: Checkpoint, ck_b: Checkpoint, req: ExtractRequest) -> list[tuple[str, Placement, Placement]]:
+    """The targetable layers of BASE with their place in TUNED, in BASE's file order."""
+    from pycore.lora.merge import BASE_LABEL
+
+    if "unknown" not in (ck_t.base, ck_b.base) and ck_t.base != ck_b.base:
+        raise LoraError(f"{req.tuned.name} is an {BASE_LABEL[ck_t.base]} checkpoint but {req.base.name} is {BASE_LABEL[ck_b.base]}; extract from a model and its own base")
     idx_t, idx_b = ck_t.index(), ck_b.index()
     todo: list[tuple[str, Placement, Placement]] = []
     for canon, places in idx_b.items():
         pl_b = places[0]
         kind = target_kind(canon, len(pl_b.shape))
-        if kind is None or (kind == "conv" and not conv) or (kind == "te" and not text_encoders):
+        if kind is None or (kind == "conv" and not req.conv) or (kind == "te" and not req.text_encoders):
             continue
         if canon not in idx_t:
-            raise LoraError(f"{canon} is in {Path(base).name} but not in {Path(tuned).name}; are both SDXL checkpoints?")
+            raise LoraError(f"{canon} is in {req.base.name} but not in {req.tuned.name}; are both the same model family?")
         pl_t = idx_t[canon][0]
         if pl_t.shape != pl_b.shape:
             raise LoraError(f"{canon}: shape {list(pl_t.shape)} in the tuned model vs {list(pl_b.shape)} in the base")
@@ -226,16 +149,31 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
         raise LoraError("no targetable layers found in the base checkpoint")
     # read in the base's file order so the streaming reads stay sequential
     todo.sort(key=lambda x: (str(x[2].file.path), x[2].info.begin, x[0]))
-    rep = ExtractReport(str(out))
-    lora = LoraSet(source_format="hw-extract")
+    return todo
+
+
+def extract(req: ExtractRequest, progress: Progress = NO_PROGRESS) -> ExtractReport:
+    """Factorise every targetable layer's difference into a LoRA and save it (kohya by default)."""
+    import torch
+
+    from pycore.lora.convert import save_lora
+
+    t0 = time.perf_counter()
+    min_diff, opts = req.min_diff, req.opts
+    out_dt = torch_dtype(parse_dtype_option(req.dtype))
+    ck_t, ck_b = open_checkpoint(req.tuned), open_checkpoint(req.base)
+    todo = plan_layers(ck_t, ck_b, req)
+    rep = ExtractReport(str(req.out))
+    lora = LoraSet(source_format="hw-extract", base=ck_b.base)
     tot_by_block: dict[str, float] = defaultdict(float)
     kept_by_block: dict[str, float] = defaultdict(float)
     unchanged: dict[str, int] = defaultdict(int)
     maxdiff: dict[str, float] = defaultdict(float)
     methods: dict[str, int] = defaultdict(int)
     ct, cb = _TensorCache(), _TensorCache()
+    progress.stage("extracting", len(todo), "layers")
     try:
-        for n, (canon, pl_t, pl_b) in enumerate(todo):
+        for canon, pl_t, pl_b in todo:
             d = ct.get(pl_t) - cb.get(pl_b)
             if not torch.isfinite(d).all():
                 raise LoraError(f"{canon}: NaN/Inf in the weights")
@@ -248,29 +186,25 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
                 f = factorize(d, opts)
                 methods[f.method] += 1
                 lora.layers[canon] = LoraLayer(f.down.to(out_dt).cpu(), f.up.to(out_dt).cpu(), float(f.rank))
-                tot = f.total
                 b = block_of(canon)
-                tot_by_block[b] += tot
-                kept_by_block[b] += tot * f.kept**2
+                tot_by_block[b] += f.total
+                kept_by_block[b] += f.total * f.kept**2
             del d
-            if on_layer:
-                on_layer(n + 1, len(todo))
+            progress.advance(1)
     finally:
         ct.close()
         cb.close()
     if not lora.layers:
-        raise LoraError(f"the checkpoints do not differ by more than --min-diff {min_diff:g} in any targetable layer")
+        raise NothingDone(f"the checkpoints do not differ by more than --min-diff {min_diff:g} in any targetable layer; nothing was written")
     rep.layers = len(lora.layers)
     rep.components = {k: v for k, v in lora.components().items() if v}
     rep.kept_by_block = {b: math.sqrt(kept_by_block[b] / tot_by_block[b]) for b in sorted(tot_by_block)}
     rep.kept_overall = math.sqrt(sum(kept_by_block.values()) / sum(tot_by_block.values()))
-    rep.unchanged = dict(unchanged)
-    rep.max_diff_by_component = dict(maxdiff)
-    rep.methods = dict(methods)
+    rep.unchanged, rep.max_diff_by_component, rep.methods = dict(unchanged), dict(maxdiff), dict(methods)
     ranks = sorted({v.rank for v in lora.layers.values()})
     rep.ranks = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
-    meta = {"hw_extract": json.dumps({"tool": "hw extract-lora", "tuned": Path(tuned).name, "base": Path(base).name, "rank": opts.rank, "energy": opts.energy,
+    meta = {"hw_extract": json.dumps({"tool": "hw extract-lora", "tuned": req.tuned.name, "base": req.base.name, "rank": opts.rank, "energy": opts.energy,
                                       "kept_overall": round(rep.kept_overall, 6), "unchanged_layers": rep.unchanged, "min_diff": min_diff})}  # fmt: skip
-    save_lora(lora, out, fmt, layout=layout, metadata=meta, overwrite=overwrite)
+    save_lora(lora, req.out, req.fmt, layout=req.layout, metadata=meta, overwrite=req.overwrite)
     rep.seconds = round(time.perf_counter() - t0, 3)
     return rep

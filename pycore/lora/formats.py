@@ -191,18 +191,24 @@ def _is_diffusers_unet_path(path: str) -> bool:
     return head in ("down_blocks", "up_blocks", "mid_block", "time_embedding", "add_embedding", "conv_in", "conv_out", "conv_norm_out")
 
 
-def canonical_to_kohya(canonical: str, layout: str = "sgm", up_attn: frozenset[int] = SDXL_UP_ATTN) -> str:
+#: up_blocks whose upsampler is SGM child 2 (they carry attentions), per model family
+UP_ATTN = {"sdxl": SDXL_UP_ATTN, "sd15": frozenset({1, 2, 3})}
+
+
+def canonical_to_kohya(canonical: str, layout: str = "sgm", up_attn: frozenset[int] | None = None, base: str = "sdxl") -> str:
+    """kohya name of a canonical module; SD1.5's single text encoder is ``lora_te_``."""
     comp, path = split_canonical(canonical)
     if comp == "unet" and layout == "sgm":
-        sgm = unet_diffusers_to_sgm(path, up_attn)
+        sgm = unet_diffusers_to_sgm(path, up_attn or UP_ATTN.get(base, SDXL_UP_ATTN))
         if sgm is None:
             raise LoraError(f"no SGM name for UNet module {path!r}; use --kohya-layout diffusers")
         path = sgm
-    return KOHYA_PREFIX[comp] + path.replace(".", "_")
+    prefix = "lora_te_" if comp == "text_encoder" and base == "sd15" else KOHYA_PREFIX[comp]
+    return prefix + path.replace(".", "_")
 
 
 def split_canonical(canonical: str) -> tuple[str, str]:
-    comp, _, path = canonical.partition(".")
+    comp, _, path = canonical.removesuffix("@bias").partition(".")
     if comp not in COMPONENTS or not path:
         raise LoraError(f"not a canonical module name: {canonical!r}")
     return comp, path
@@ -213,6 +219,7 @@ def split_canonical(canonical: str) -> tuple[str, str]:
 SGM_UNET = "model.diffusion_model."
 SGM_TE1 = "conditioner.embedders.0.transformer."
 SGM_TE2 = "conditioner.embedders.1.model."
+SGM_TE_SD15 = "cond_stage_model.transformer."
 DIFFUSERS_FOLDERS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
 
@@ -225,28 +232,45 @@ class Target:
     transpose: bool = False  # OpenCLIP's text_projection is stored transposed
 
 
-_TE2_SGM = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
+_TE2_SGM = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj|ln_1|ln_2)[._](weight|bias)$")
+_TE2_SGM_LEAF = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "ln_1": "layer_norm1", "ln_2": "layer_norm2"}
+#: single-file text-encoder prefixes read as CLIP-L (SDXL's first embedder, SD1.5's only one)
+SGM_TE1_PREFIXES = (SGM_TE1, SGM_TE_SD15)
+
+
+def _param(key: str) -> tuple[str, str] | None:
+    """'x.weight' -> ('x', ''), 'x.bias' -> ('x', '@bias'), else None."""
+    for leaf, suffix in ((".weight", ""), (".bias", "@bias")):
+        if key.endswith(leaf):
+            return key[: -len(leaf)], suffix
+    return None
 
 
 def sgm_targets(key: str) -> list[Target]:
-    """Canonical modules whose weight is (part of) this single-file SDXL tensor."""
-    if key.startswith(SGM_UNET) and key.endswith(".weight"):
-        d = unet_sgm_to_diffusers(key[len(SGM_UNET) : -len(".weight")])
-        return [Target(f"unet.{d}")] if d else []
-    if key.startswith(SGM_TE1) and key.endswith(".weight"):
-        return [Target(f"text_encoder.{key[len(SGM_TE1) : -len('.weight')]}")]
+    """Target ids whose tensor is (part of) this single-file SDXL / SD1.5 tensor."""
+    if key.startswith(SGM_UNET):
+        mp = _param(key[len(SGM_UNET) :])
+        d = unet_sgm_to_diffusers(mp[0]) if mp else None
+        return [Target(f"unet.{d}{mp[1]}")] if d and mp else []
+    for pre in SGM_TE1_PREFIXES:
+        if key.startswith(pre):
+            mp = _param(key[len(pre) :])
+            return [Target(f"text_encoder.{te_path(mp[0])}{mp[1]}")] if mp else []
     if key.startswith(SGM_TE2):
         rest = key[len(SGM_TE2) :]
         if rest == "text_projection":
             return [Target("text_encoder_2.text_projection", transpose=True)]
+        if rest.startswith("ln_final."):
+            mp = _param(rest)
+            return [Target(f"text_encoder_2.text_model.final_layer_norm{mp[1]}")] if mp else []
         m = _TE2_SGM.match(rest)
         if not m:
             return []
         base = f"text_encoder_2.text_model.encoder.layers.{m.group(1)}."
-        what = m.group(2)
-        if what == "attn.in_proj_weight":
-            return [Target(base + f"self_attn.{p}_proj", rows=(i, 3)) for i, p in enumerate("qkv")]
-        return [Target(base + {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1", "mlp.c_proj.weight": "mlp.fc2"}[what])]
+        what, suffix = m.group(2), "" if m.group(3) == "weight" else "@bias"
+        if what == "attn.in_proj":
+            return [Target(base + f"self_attn.{p}_proj{suffix}", rows=(i, 3)) for i, p in enumerate("qkv")]
+        return [Target(base + _TE2_SGM_LEAF[what] + suffix)]
     return []
 
 
@@ -261,15 +285,15 @@ def te_path(path: str) -> str:
 
 def component_targets(component: str, key: str) -> list[Target]:
     """Targets of a tensor in a diffusers folder's component file (unet/, text_encoder/, ...)."""
-    if component in COMPONENTS and key.endswith(".weight"):
-        path = key[: -len(".weight")]
-        return [Target(f"{component}.{path if component == 'unet' else te_path(path)}")]
+    mp = _param(key) if component in COMPONENTS else None
+    if mp:
+        return [Target(f"{component}.{mp[0] if component == 'unet' else te_path(mp[0])}{mp[1]}")]
     return []
 
 
 def kohya_count_modules(canonicals: list[str]) -> dict[str, int]:
     out = {c: 0 for c in COMPONENTS}
-    for c in canonicals:
+    for c in sorted(set(canonicals)):
         out[split_canonical(c)[0]] += 1
     return out
 

@@ -18,13 +18,6 @@ if TYPE_CHECKING:
 
 FORMATS = ("kohya", "diffusers", "peft")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-_UNSUPPORTED = {
-    "hada_w1_a": "LyCORIS LoHa", "hada_w2_a": "LyCORIS LoHa", "hada_w1_b": "LyCORIS LoHa", "hada_w2_b": "LyCORIS LoHa",
-    "hada_t1": "LyCORIS LoHa", "hada_t2": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", "lokr_w2": "LyCORIS LoKr",
-    "lokr_w1_a": "LyCORIS LoKr", "lokr_w1_b": "LyCORIS LoKr", "lokr_w2_a": "LyCORIS LoKr", "lokr_w2_b": "LyCORIS LoKr",
-    "lokr_t2": "LyCORIS LoKr", "lora_mid": "LyCORIS CP (lora_mid)", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
-    "diff": "LyCORIS full diff", "diff_b": "LyCORIS full diff", "w_norm": "LyCORIS GLoRA", "a1": "LyCORIS GLoRA",
-}  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -57,6 +50,24 @@ class LoraLayer:
     def delta_shape(self) -> tuple[int, ...]:
         return (int(self.up.shape[0]), *self.down.shape[1:])
 
+    family = "lora"
+    needs_base = False
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up}
+
+    def validate(self, name: str) -> None:
+        pass
+
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    def delta_for(self, w: torch.Tensor | None, shape: tuple[int, ...], device: Any = None) -> torch.Tensor:
+        """ΔW reshaped to the target ``shape`` (linear ↔ 1×1 conv allowed)."""
+        from pycore.lora.families import fit
+
+        return fit(self.delta(device), shape, "LoRA")
+
     def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
         """scale * up @ down in fp32, shaped like the target weight (conv: out x in x kh x kw)."""
         import torch
@@ -68,175 +79,41 @@ class LoraLayer:
 
 @dataclass
 class LoraSet:
-    """All layers of one LoRA, by canonical module name (see pycore.lora.formats)."""
+    """All adapters of one LoRA file, by target id: the canonical module name (see
+    pycore.lora.formats) for its weight, ``<canonical>@bias`` for its bias. Values are
+    :class:`LoraLayer` or one of the classes in :mod:`pycore.lora.families`."""
 
-    layers: dict[str, LoraLayer] = field(default_factory=dict)
+    layers: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = ""
     notes: list[str] = field(default_factory=list)
+    families: dict[str, str] = field(default_factory=dict)  # target id -> 'lora', 'locon', 'loha', 'dora+lora', …
+    layouts: list[str] = field(default_factory=list)  # 'kohya-sgm', 'kohya-diffusers', 'comfyui', 'diffusers', 'peft'
+    base: str = "unknown"  # 'sdxl' | 'sd15' | 'other' | 'unknown'
+    base_evidence: str = ""
 
     def scaled(self, weight: float) -> LoraSet:
-        """The same LoRA with strength ``weight`` folded into alpha (exact)."""
+        """The same LoRA with strength ``weight`` folded into alpha (exact; plain LoRA layers only)."""
+        if not self.is_plain():
+            raise LoraError("only plain LoRA layers can fold a strength into alpha")
         return LoraSet({k: LoraLayer(v.down, v.up, v.alpha * weight) for k, v in self.layers.items()}, dict(self.metadata), self.source_format, list(self.notes))
+
+    def is_plain(self) -> bool:
+        return all(isinstance(v, LoraLayer) for v in self.layers.values())
+
+    def family_counts(self) -> dict[str, int]:
+        return dict(Counter(self.families.get(k, getattr(v, "family", "lora")) for k, v in self.layers.items()))
 
     def check_finite(self, name: str = "LoRA") -> None:
         import torch
 
-        bad = [k for k, v in self.layers.items() if not (torch.isfinite(v.down).all() and torch.isfinite(v.up).all())]
-        if bad:
-            raise LoraError(f"{name}: {len(bad)} layer(s) contain NaN/Inf weights, e.g. {bad[0]}")
+        for k, v in self.layers.items():
+            for part, t in v.tensors().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise LoraError(f"{name}: {k} ({part}) contains NaN/Inf weights")
 
     def components(self) -> dict[str, int]:
-        return fm.kohya_count_modules(list(self.layers))
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-def _unsupported(key: str) -> str | None:
-    last = key.rsplit(".", 2)
-    for part in last[-2:]:
-        if part in _UNSUPPORTED:
-            return _UNSUPPORTED[part]
-    return None
-
-
-def _peft_alpha_lookup(cfg: Mapping[str, Any]) -> tuple[int | None, float | None, dict[str, int], dict[str, float], bool]:
-    r = cfg.get("r")
-    alpha = cfg.get("lora_alpha")
-    return (int(r) if r is not None else None, float(alpha) if alpha is not None else None,
-            dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {}), bool(cfg.get("use_rslora", False)))  # fmt: skip
-
-
-def _pattern_get(patterns: Mapping[str, Any], path: str) -> Any:
-    for pat, val in patterns.items():
-        if path == pat or re.match(rf"(.*\.)?({pat})$", path):
-            return val
-    return None
-
-
-def _alpha_from_config(cfg: Mapping[str, Any] | None, path: str, rank: int) -> float | None:
-    """Effective alpha (scale = alpha/rank) for a module from a PEFT LoraConfig dict."""
-    if not cfg:
-        return None
-    _, alpha, _, apat, rslora = _peft_alpha_lookup(cfg)
-    a = _pattern_get(apat, path)
-    alpha = float(a) if a is not None else alpha
-    if alpha is None:
-        return None
-    return alpha * math.sqrt(rank) if rslora else alpha
-
-
-def parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *,
-               peft_config: Mapping[str, Any] | None = None, component: str | None = None, name: str = "LoRA") -> LoraSet:  # fmt: skip
-    """Read a LoRA state dict in any supported format into canonical layers.
-
-    Unknown keys, LyCORIS/DoRA keys, missing up/down halves and malformed shapes are errors
-    naming the keys. ``component`` names the model for PEFT files without a component prefix.
-    """
-    import torch
-
-    metadata = dict(metadata or {})
-    comp_cfg: dict[str, dict[str, Any]] = {}
-    if ADAPTER_METADATA_KEY in metadata:
-        try:
-            flat = json.loads(metadata[ADAPTER_METADATA_KEY])
-        except json.JSONDecodeError:
-            raise LoraError(f"{name}: metadata {ADAPTER_METADATA_KEY} is not JSON") from None
-        for k, v in flat.items():
-            c, _, field_ = k.partition(".")
-            if c in fm.COMPONENTS and field_:
-                comp_cfg.setdefault(c, {})[field_] = v
-    if peft_config is not None:
-        comp_cfg[component or "unet"] = dict(peft_config)
-
-    downs: dict[str, torch.Tensor] = {}
-    ups: dict[str, torch.Tensor] = {}
-    alphas: dict[str, float] = {}
-    formats: set[str] = set()
-    unknown: list[str] = []
-    unsupported: dict[str, str] = {}
-    for key, t in sd.items():
-        kind = _unsupported(key)
-        if kind:
-            unsupported.setdefault(kind, key)
-            continue
-        canon, part, fmt = _classify(key, component)
-        if canon is None:
-            unknown.append(key)
-            continue
-        formats.add(fmt)
-        if part == "down":
-            downs[canon] = t
-        elif part == "up":
-            ups[canon] = t
-        else:
-            if t.numel() != 1:
-                raise LoraError(f"{name}: alpha {key} has {t.numel()} values, expected one")
-            alphas[canon] = float(t.float().item())
-    if unsupported:
-        kinds = ", ".join(f"{k} (e.g. {v})" for k, v in unsupported.items())
-        raise LoraError(f"{name}: unsupported LoRA type {kinds}; only plain LoRA/LoCon (up/down/alpha) is supported")
-    if unknown:
-        raise LoraError(f"{name}: {len(unknown)} key(s) are not LoRA keys hw understands: {', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''}")
-    missing = sorted((set(downs) ^ set(ups)) | (set(alphas) - set(downs) - set(ups)))
-    if missing:
-        halves = [f"{m} ({'up' if m in downs else 'down' if m in ups else 'up and down'} missing)" for m in missing[:5]]
-        raise LoraError(f"{name}: {len(missing)} module(s) lack a LoRA half: {', '.join(halves)}")
-    out = LoraSet(metadata=metadata, source_format="+".join(sorted(formats)))
-    assumed = 0
-    for canon in sorted(downs):
-        down, up = downs[canon], ups[canon]
-        if down.dim() == 2 and up.dim() == 4 or down.dim() == 4 and up.dim() == 2:
-            raise LoraError(f"{name}: {canon}: up {list(up.shape)} and down {list(down.shape)} do not match (linear vs conv)")
-        rank = int(down.shape[0]) if down.dim() else 0
-        alpha = alphas.get(canon)
-        if alpha is None:
-            comp, path = fm.split_canonical(canon)
-            alpha = _alpha_from_config(comp_cfg.get(comp), path, rank)
-        if alpha is None:
-            alpha = float(rank)
-            assumed += 1
-        try:
-            out.layers[canon] = LoraLayer(down, up, alpha)
-        except LoraError as e:
-            raise LoraError(f"{name}: {canon}: {e}") from None
-    if not out.layers:
-        raise LoraError(f"{name}: no LoRA layers found")
-    if assumed:
-        out.notes.append(f"{assumed} layer(s) store no alpha; alpha = rank assumed (scale 1), as diffusers does")
-    return out
-
-
-def _classify(key: str, component: str | None) -> tuple[str | None, str, str]:
-    """key -> (canonical module, 'down'|'up'|'alpha', format) or (None, '', '')."""
-    for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
-        if key.startswith("lora_") and key.endswith(suffix):
-            canon = fm.kohya_to_canonical(key[: -len(suffix)])
-            return (canon, part, "kohya") if canon else (None, "", "")
-    m = re.match(r"^(.*)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$", key)
-    alpha_m = re.match(r"^(.*)\.alpha$", key)
-    if not m and not alpha_m:
-        return None, "", ""
-    if m:
-        path, which = m.group(1), m.group(2)
-        part = "down" if which.endswith(("down", "_A")) else "up"
-        fmt = "peft" if which.startswith("lora_") and which[5] in "AB" else "diffusers"
-    else:
-        path, part, fmt = alpha_m.group(1), "alpha", "diffusers"  # type: ignore[union-attr]
-    path = path.removeprefix("base_model.model.")
-    comp, _, rest = path.partition(".")
-    if comp in fm.COMPONENTS:
-        path = rest
-    else:
-        comp = component or ("text_encoder" if fm.te_path(path).startswith("text_model.") else "unet")
-    if comp != "unet":
-        path = fm.te_path(path)
-    if comp == "unet" and not fm._is_diffusers_unet_path(path):
-        return None, "", ""
-    if comp != "unet" and not (path.startswith("text_model.") or path == "text_projection"):
-        return None, "", ""
-    return f"{comp}.{path}", part, fmt
+        return fm.kohya_count_modules([k.removesuffix("@bias") for k in self.layers])
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -264,8 +141,7 @@ def peft_config_for(layers: Mapping[str, LoraLayer], component: str) -> dict[str
     }
 
 
-def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.dtype | None = None,
-                  base_model: str = "sdxl_base_v1-0") -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
     """Serialise to (tensors, metadata). ``fmt`` kohya or diffusers (one file); see save_lora for peft."""
     import torch
 
@@ -276,24 +152,23 @@ def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.
         return t.to(dtype).contiguous() if dtype is not None else t.contiguous()
 
     if fmt == "kohya":
-        for canon, layer in sorted(lora.layers.items()):
-            k = fm.canonical_to_kohya(canon, layout)
-            tensors[f"{k}.lora_down.weight"] = cast(layer.down)
-            tensors[f"{k}.lora_up.weight"] = cast(layer.up)
-            tensors[f"{k}.alpha"] = torch.tensor(float(layer.alpha), dtype=torch.float32)
-        lin = [v for v in lora.layers.values() if v.down.dim() == 2 or tuple(v.down.shape[2:]) == (1, 1)]
-        conv = [v for v in lora.layers.values() if v not in lin]
-        ranks = {v.rank for v in lora.layers.values()}
+        for target, layer in sorted(lora.layers.items()):
+            tensors.update(_kohya_tensors(target, layer, layout, lora.base, cast))
+        plain = [_plain(v) for v in lora.layers.values() if _plain(v) is not None]
+        lin = [v for v in plain if v.down.dim() == 2 or tuple(v.down.shape[2:]) == (1, 1)]
+        conv = [v for v in plain if v not in lin]
+        ranks = {v.rank for v in plain}
+        main = lin or conv
         meta.update({
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(_common([v.rank for v in lin])) if lin else str(_common([v.rank for v in conv])),
-            "ss_network_alpha": _num(_common([v.alpha for v in lin])) if lin else _num(_common([v.alpha for v in conv])),
-            "ss_base_model_version": base_model,
+            "ss_network_module": "networks.lora" if lora.is_plain() else "lycoris.kohya",
+            "ss_network_dim": str(_common([v.rank for v in main])) if main else "0",
+            "ss_network_alpha": _num(_common([v.alpha for v in main])) if main else "0",
             "ss_v2": "False",
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         })  # fmt: skip
+        if lora.base in BASE_META:
+            meta["ss_base_model_version"], meta["modelspec.architecture"] = BASE_META[lora.base]
         if conv:
             meta["ss_network_args"] = json.dumps({"conv_dim": str(_common([v.rank for v in conv])), "conv_alpha": _num(_common([v.alpha for v in conv]))})
         if len(ranks) > 1:
@@ -302,6 +177,9 @@ def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.
 
         meta["sshs_model_hash"] = body_sha256(tensors.values())
     elif fmt == "diffusers":
+        if not lora.is_plain():
+            bad = next(k for k, v in lora.layers.items() if not isinstance(v, LoraLayer))
+            raise LoraError(f"{bad}: a {lora.families.get(bad, 'non-LoRA')} layer has no diffusers LoRA form; write --to kohya (keeps DoRA/.diff) or convert with --rank/--energy")
         adapter_meta: dict[str, Any] = {}
         for canon, layer in sorted(lora.layers.items()):
             tensors[f"{canon}.lora.down.weight"] = cast(layer.down)
@@ -315,6 +193,38 @@ def to_state_dict(lora: LoraSet, fmt: str, *, layout: str = "sgm", dtype: torch.
     else:
         raise LoraError(f"unknown LoRA format {fmt!r}; choose kohya, diffusers or peft")
     return tensors, meta
+
+
+#: (ss_base_model_version, modelspec.architecture) written for each model family
+BASE_META = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"), "sd15": ("sd_v1", "stable-diffusion-v1/lora")}
+
+
+def _plain(layer: Any) -> LoraLayer | None:
+    inner = getattr(layer, "inner", layer)
+    return inner if isinstance(inner, LoraLayer) else None
+
+
+def _kohya_tensors(target: str, layer: Any, layout: str, base: str, cast: Any) -> dict[str, torch.Tensor]:
+    """kohya/LyCORIS keys of one adapter: LoRA (+ dora_scale for DoRA) or a .diff/.diff_b."""
+    import torch
+
+    k = fm.canonical_to_kohya(target.removesuffix("@bias"), layout, base=base if base in fm.UP_ATTN else "sdxl")
+    if target.endswith("@bias"):
+        if not hasattr(layer, "diff"):
+            raise LoraError(f"{target}: only a full difference (.diff_b) can be written for a bias")
+        return {f"{k}.diff_b": cast(layer.diff)}
+    inner = _plain(layer)
+    if inner is None:
+        if hasattr(layer, "diff"):
+            return {f"{k}.diff": cast(layer.diff)}
+        raise LoraError(f"{target}: a {getattr(layer, 'family', '?')} layer cannot be written as kohya LoRA")
+    out = {f"{k}.lora_down.weight": cast(inner.down), f"{k}.lora_up.weight": cast(inner.up), f"{k}.alpha": torch.tensor(float(inner.alpha), dtype=torch.float32)}
+    if layer is not inner:  # DoRA: LyCORIS spelling; PEFT's per-row magnitude becomes (out, 1, …)
+        m = layer.magnitude
+        if layer.style == "peft":
+            m = m.reshape(-1).reshape(-1, *[1] * (inner.down.dim() - 1))
+        out[f"{k}.dora_scale"] = cast(m)
+    return out
 
 
 def _num(x: float) -> str:
