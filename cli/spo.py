@@ -35,6 +35,8 @@ Vae = Annotated[str | None, typer.Option("--vae", help="Replacement VAE (hub nam
 BaseConfig = Annotated[str | None, typer.Option("--base-config", help="For a single-file --base: the diffusers repo/folder whose configs describe it (default: the official SDXL/SD1.5 repo).")]
 Prompts = Annotated[Path, typer.Option("--prompts", help="Prompts: .txt (one per line), .jsonl (prompt/caption key), or a manifest/table .parquet/.csv.", show_default=False)]
 PromptColumn = Annotated[str | None, typer.Option("--prompt-column", help="Column/key holding the prompt (e.g. caption from hw caption).")]
+TrainVae = Annotated[str | None, typer.Option("--vae", help="VAE that decodes x̂0 for the SPM (hub name, folder or file). SDXL default: "
+                     "madebyollin/sdxl-vae-fp16-fix (the official run's; finite in float16); --vae base keeps the base model's own VAE.")]
 SpmBase = Annotated[str | None, typer.Option("--spm-base", help="CLIP config a released SPM .bin was trained from (default yuvalkirstain/PickScore_v1).")]
 SpmProcessor = Annotated[str | None, typer.Option("--spm-processor", help="Tokenizer source for the SPM.")]
 
@@ -76,15 +78,15 @@ def spo_train(
     resolution: Annotated[int | None, typer.Option("--resolution", help="Training resolution (official 1024 SDXL, 512 SD1.5).")] = None,
     sample_batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per process per rollout (official 2 SDXL, 10 SD1.5).", min=1)] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimiser step.", min=1)] = None,
-    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no, fp16 or bf16 (frozen weights in that dtype, LoRA in fp32).")] = None,
+    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="auto (fp16 on CUDA, as the official run; no on the CPU), no, fp16 or bf16: autocast around the policy UNet only, frozen weights in that dtype, LoRA and AdamW in fp32.")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in backward (less memory, slower).", show_default=False)] = None,
     spm_dtype: Annotated[str | None, typer.Option("--spm-dtype", help="float32 (official), float16 or bfloat16.")] = None,
-    vae_dtype: Annotated[str | None, typer.Option("--vae-dtype", help="float32, float16 (use --vae madebyollin/sdxl-vae-fp16-fix) or bfloat16.")] = None,
+    vae_dtype: Annotated[str | None, typer.Option("--vae-dtype", help="auto (float16 on CUDA with an fp16-safe VAE, else float32), float32, float16 or bfloat16; the decode runs outside autocast.")] = None,
     vae_slicing: Annotated[bool | None, typer.Option("--vae-slicing/--no-vae-slicing", help="Decode one image at a time.", show_default=False)] = None,
     vae_tiling: Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", help="Decode in tiles.", show_default=False)] = None,
     use_8bit_adam: Annotated[bool | None, typer.Option("--8bit-adam/--no-8bit-adam", help="bitsandbytes 8-bit AdamW (needs bitsandbytes and CUDA).", show_default=False)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of every random choice (official 42).", min=0)] = None,
-    vae: Vae = None,
+    vae: TrainVae = None,
     base_config: BaseConfig = None,
     spm_base: SpmBase = None,
     spm_processor: SpmProcessor = None,
@@ -148,7 +150,10 @@ def spo_train(
         console.print(f"final-image reward during training: epoch {first[0]} {first[1]:.3f} → epoch {last[0]} {last[1]:.3f}")
     console.print(f"{report['pairs_kept']:,} pairs kept over {report['epochs_done']} epochs in {report['seconds']:.0f}s")
     console.print("LoRA → " + ", ".join(report["lora"]) + f"; config → {report['config']}")
-    console.print(f"samples → {report['samples']}; TensorBoard: tensorboard --logdir {Path(report['out']) / 'logs'}")
+    console.print(f"precision: mixed {report['mixed_precision']}, VAE {report['vae']} in {report['vae_dtype']}, SPM in {report['spm_dtype']}")
+    if report["samples"]:
+        console.print(f"samples → {report['samples']}")
+    console.print(f"TensorBoard: tensorboard --logdir {Path(report['out']) / 'logs'}")
 
 
 def spo_sample(

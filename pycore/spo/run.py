@@ -21,6 +21,24 @@ from pycore.spo.config import SPOConfig
 RUN_FILES = ("checkpoints", "samples", "logs", "train_log.jsonl", "spo_config.json", "spo_lora_diffusers.safetensors",
              "spo_lora_kohya.safetensors")  # fmt: skip
 HALF = {"fp16": "float16", "bf16": "bfloat16"}
+#: The SDXL preset's VAE for decoding x̂0: the decoder the official run and the released SDXL SPM used; it stays
+#: finite in float16, where SDXL's own VAE overflows. ``--vae base`` keeps the base model's VAE.
+SDXL_FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+BASE_VAE = "base"
+
+
+def resolve_vae(vae: str | None, family: str) -> str | None:
+    """The VAE to load: the user's, the preset's default (SDXL: the fp16-fix VAE), or None for the base model's own."""
+    if vae == BASE_VAE:
+        return None
+    if vae is None and family == "sdxl":
+        return SDXL_FP16_FIX_VAE
+    return vae
+
+
+def vae_fp16_safe(vae: str | None, family: str) -> bool:
+    """Whether a VAE decodes in float16 without overflowing: SD1.5's, and SDXL's fp16-fix (by name)."""
+    return family == "sd15" or (vae is not None and "fp16-fix" in vae.lower())
 
 
 @dataclass
@@ -169,6 +187,8 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     else:
         preview_prompts = list(dict.fromkeys(prompts))[: req.num_samples]
     resuming = prepare_out(out, resume=req.resume, overwrite=req.overwrite)
+    vae = resolve_vae(req.vae, cfg.model_family)
+    cfg = cfg.for_device(_device_type(req.cpu), vae_fp16_safe=vae_fp16_safe(vae, cfg.model_family))
     acc = make_accelerator(cfg, out, cpu=req.cpu, log_with=req.log_with)
     device = acc.device
     if acc.is_main_process:
@@ -182,8 +202,13 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     spm = StepAwarePreferenceModel.from_pretrained(req.spm, base=req.spm_base, processor=req.spm_processor,
                                                    dtype=cfg.spm_dtype, device=device)  # fmt: skip
     spm.requires_grad_(False)
-    base = load_base(req.base, vae=req.vae, family=cfg.model_family, dtype=weight_dtype, vae_dtype=parse_dtype(cfg.vae_dtype),
-                     device=device, single_file_config=req.base_config)  # fmt: skip
+    try:
+        base = load_base(req.base, vae=vae, family=cfg.model_family, dtype=weight_dtype, vae_dtype=parse_dtype(cfg.vae_dtype),
+                         device=device, single_file_config=req.base_config)  # fmt: skip
+    except HwError as e:
+        if vae == SDXL_FP16_FIX_VAE and req.vae is None and SDXL_FP16_FIX_VAE in str(e):
+            raise HwError(f"{e} (the SDXL preset decodes with {SDXL_FP16_FIX_VAE}; pass --vae base to use the base model's VAE)") from e
+        raise
     for w in getattr(base, "warnings", []) or []:
         say(f"warning: {w}")
     if cfg.vae_tiling:
@@ -210,6 +235,18 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
         logger.close()
     if not acc.is_main_process:
         return {"rank": acc.process_index}
+    return _report(result, cfg, out, resuming, prompts, prompt_set, acc.num_processes, preview is not None, t_start, vae)
+
+
+def _device_type(cpu: bool) -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+
+
+def _report(result: Any, cfg: SPOConfig, out: Path, resuming: bool, prompts: Sequence[str], prompt_set: Any, processes: int,
+            previews: bool, t_start: float, vae: str | None) -> dict[str, Any]:  # fmt: skip
+    """The run's summary (the CLI's table and --json)."""
     hist = result.history
     per_epoch: dict[int, list[float]] = {}
     for h in hist:
@@ -219,12 +256,13 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     report = {
         "out": str(out), "finished": result.epochs_done >= cfg.num_epochs, "epochs_done": result.epochs_done,
         "num_epochs": cfg.num_epochs, "resumed_from_epoch": result.resumed_from if resuming else None,
-        "prompts": len(prompts), "prompts_skipped": len(prompt_set.skipped), "processes": acc.num_processes,
+        "prompts": len(prompts), "prompts_skipped": len(prompt_set.skipped), "processes": processes,
+        "mixed_precision": cfg.mixed_precision, "vae": vae or "base", "vae_dtype": cfg.vae_dtype, "spm_dtype": cfg.spm_dtype,
         "pairs_kept": sum(int(h["pairs"]) for h in hist),
         "acceptance": sum(h["acceptance"] for h in judged) / len(judged) if judged else None,
         "reward_final_by_epoch": {e + 1: sum(v) / len(v) for e, v in sorted(per_epoch.items())},
         "lora": [str(p) for p in result.lora_paths], "config": str(out / "spo_config.json") if result.lora_paths else None,
-        "samples": str(out / "samples") if preview is not None else None, "seconds": round(time.perf_counter() - t_start, 1),
+        "samples": str(out / "samples") if previews else None, "seconds": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
     losses = [h["loss"] for h in hist if h.get("loss") is not None and math.isfinite(h["loss"])]
     report["mean_loss"] = sum(losses) / len(losses) if losses else None
