@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pycore.errors import HwError
+from pycore.limits import MAX_RESOLUTION
 
 
 class SPOConfigError(HwError):
@@ -87,8 +88,8 @@ class SPOConfig:
 
         if self.model_family not in ("sdxl", "sd15"):
             bad(f"model_family must be 'sdxl' or 'sd15', got {self.model_family!r}")
-        if self.resolution < 8 or self.resolution % 8:
-            bad(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 8 <= self.resolution <= MAX_RESOLUTION or self.resolution % 8:
+            bad(f"resolution must be a multiple of 8 in 8..{MAX_RESOLUTION} (pycore.limits.MAX_RESOLUTION), got {self.resolution}")
         if not 2 <= self.num_inference_steps <= 1000:
             bad(f"num_inference_steps must be in 2..1000, got {self.num_inference_steps}")
         if not 0.0 < self.eta <= 1.0:

@@ -63,7 +63,20 @@ class TrainRequest:
     stop_after_epochs: int | None = None
     cpu: bool = False
     log_with: Sequence[str] = ("tensorboard",)
+    memory: str = "auto"
+    gpu_memory: float | None = None
+    explicit: frozenset[str] = frozenset()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from pycore.checks import check_float
+
+        if self.memory not in ("auto", "off"):
+            raise HwError(f"--memory must be auto or off, got {self.memory!r}")
+        if self.gpu_memory is not None:
+            check_float("--gpu-memory", self.gpu_memory, 0.0, 4096.0, lo_open=True)
+        if self.num_samples < 0 or self.sample_every < 1:
+            raise HwError("--num-samples must be ≥ 0 and --sample-every ≥ 1")
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
@@ -111,8 +124,9 @@ def make_accelerator(config: SPOConfig, out: Path, *, cpu: bool = False, log_wit
     # `accelerate launch --multi_gpu` on a CPU machine) when told cpu=True; otherwise each process trains alone.
     mps = getattr(torch.backends, "mps", None)
     cpu = cpu or not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+    mixed = config.for_device("cpu" if cpu or not torch.cuda.is_available() else "cuda", vae_fp16_safe=False).mixed_precision
     try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu, log_with=list(log_with) or None,
+        return Accelerator(mixed_precision=mixed, cpu=cpu, log_with=list(log_with) or None,
                            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))  # fmt: skip
     except (ValueError, RuntimeError) as e:
         raise HwError(f"cannot set up accelerate with mixed_precision={config.mixed_precision!r}: {str(e).splitlines()[0]}") from e
@@ -188,7 +202,18 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
         preview_prompts = list(dict.fromkeys(prompts))[: req.num_samples]
     resuming = prepare_out(out, resume=req.resume, overwrite=req.overwrite)
     vae = resolve_vae(req.vae, cfg.model_family)
-    cfg = cfg.for_device(_device_type(req.cpu), vae_fp16_safe=vae_fp16_safe(vae, cfg.model_family))
+    device_type = _device_type(req.cpu)
+    cfg = cfg.for_device(device_type, vae_fp16_safe=vae_fp16_safe(vae, cfg.model_family))
+    memory_plan = None
+    if device_type == "cuda":  # on CUDA: the fastest option set that fits the card (explicit options win)
+        from pycore.spo.memory import plan_run
+
+        memory_plan = plan_run(cfg, req.gpu_memory, explicit=req.explicit, memory=req.memory)
+        if memory_plan is not None:
+            cfg = memory_plan.config
+            chosen = ", ".join(memory_plan.steps) or "no memory-saving options needed"
+            say(f"memory ({req.memory}): {chosen}; estimated peak {memory_plan.estimate.peak / 2**30:.1f} GiB of {memory_plan.card_gib:.1f} GiB "
+                f"({memory_plan.card_source})")  # fmt: skip
     acc = make_accelerator(cfg, out, cpu=req.cpu, log_with=req.log_with)
     device = acc.device
     if acc.is_main_process:
@@ -211,8 +236,10 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
         raise
     for w in getattr(base, "warnings", []) or []:
         say(f"warning: {w}")
-    if cfg.vae_tiling:
+    if cfg.vae_tiling:  # 512² tiles (diffusers' default tile is the VAE's sample_size: 1024² for SDXL, i.e. no tiling at 1024²)
         base.vae.enable_tiling()
+        factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+        base.vae.tile_sample_min_size, base.vae.tile_latent_min_size = 512, 512 // factor
     decode_bs = 1 if cfg.vae_slicing else None
     latent_shape = base.latent_shape(cfg.resolution)
     encoder = PromptEncoder(base.tokenizer, base.text_encoder, base.tokenizer_2, base.text_encoder_2, resolution=cfg.resolution,
@@ -230,12 +257,15 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     try:
         result = run_spo(base.unet, encoder, prompts, lambda ps: spm_scorer(spm, base.vae, ps, decode_batch_size=decode_bs), cfg, out,
                          latent_shape, stop_after_epochs=req.stop_after_epochs, accelerator=acc, logger=logger, preview=preview,
-                         offload_text_encoders=cfg.cache_prompt_embeddings and device.type != "cpu", overwrite=False)  # fmt: skip
+                         offload_text_encoders=cfg.cache_prompt_embeddings and device.type != "cpu", overwrite=False,
+                         run_record={"memory_plan": memory_plan.to_dict()} if memory_plan is not None else None)  # fmt: skip
     finally:
         logger.close()
     if not acc.is_main_process:
         return {"rank": acc.process_index}
-    return _report(result, cfg, out, resuming, prompts, prompt_set, acc.num_processes, preview is not None, t_start, vae)
+    report = _report(result, cfg, out, resuming, prompts, prompt_set, acc.num_processes, preview is not None, t_start, vae)
+    report["memory_plan"] = memory_plan.to_dict() if memory_plan is not None else None
+    return report
 
 
 def _device_type(cpu: bool) -> str:

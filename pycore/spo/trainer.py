@@ -153,13 +153,15 @@ def run_spo(
     preview: Preview | None = None,
     offload_text_encoders: bool = False,
     overwrite: bool = False,
+    run_record: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train the SPO LoRA on ``prompts``; resume from ``out_dir``'s last checkpoint if there is one.
 
     ``scorer_for(batch_prompts)`` returns the step-aware scorer for one prompt batch.
     ``stop_after_epochs`` ends the run early (after its checkpoint) — for tests and time limits.
     ``offload_text_encoders``: after every prompt is encoded once (cache on), move the text
-    encoders to the CPU to free accelerator memory. Raises :class:`NothingDone` (and writes no
+    encoders to the CPU to free accelerator memory. ``run_record`` is written into spo_config.json
+    next to the options (e.g. the memory plan). Raises :class:`NothingDone` (and writes no
     LoRA) when the whole run kept no pair to train on.
     """
     if not prompts:
@@ -184,7 +186,7 @@ def run_spo(
         return RunResult(epochs_done=config.num_epochs, history=loop.history, resumed_from=loop.start_epoch)
     if not any(h.get("trained") for h in loop.history):
         raise NothingDone(_nothing_trained(loop.history, config))
-    return loop.finish(save_formats, overwrite)
+    return loop.finish(save_formats, overwrite, run_record or {})
 
 
 def _nothing_trained(history: list[dict[str, Any]], config: SPOConfig) -> str:
@@ -383,7 +385,7 @@ class _Loop:
         if self.logger is not None:
             self.logger.images("samples", images, self.preview.prompts, epoch)
 
-    def finish(self, save_formats: Sequence[str], overwrite: bool) -> RunResult:
+    def finish(self, save_formats: Sequence[str], overwrite: bool, run_record: dict[str, Any]) -> RunResult:
         from pycore.lora.convert import save_lora
 
         meta = {"hw_spo_config": json.dumps(self.config.to_dict())}
@@ -392,7 +394,8 @@ class _Loop:
             p = self.out / f"spo_lora_{fmt}.safetensors"
             save_lora(self.unet, p, fmt, metadata=meta, overwrite=overwrite)
             paths.append(p)
-        write_text_atomic(self.out / "spo_config.json", json.dumps(self.config.to_dict(), indent=2) + "\n", overwrite=True)
+        record = {**self.config.to_dict(), **run_record}
+        write_text_atomic(self.out / "spo_config.json", json.dumps(record, indent=2) + "\n", overwrite=True)
         return RunResult(epochs_done=self.config.num_epochs, history=self.history, lora_paths=paths, resumed_from=self.start_epoch)
 
 
