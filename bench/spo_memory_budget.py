@@ -639,6 +639,9 @@ def options() -> list[Option]:
     ]  # fmt: skip
 
 
+AUTO_NOTES: list[str] = []
+
+
 def auto_options(cards: tuple[int, ...] = CARDS) -> list[Option]:
     """hw's defaults on CUDA: what `--memory auto` chooses for each card (pycore.spo.memory.plan), simulated like the rows above."""
     from pycore.spo.memory import MemoryError_, decode_mode, plan
@@ -649,6 +652,7 @@ def auto_options(cards: tuple[int, ...] = CARDS) -> list[Option]:
             p = plan(from_preset("sdxl"), card)
         except MemoryError_ as e:
             log(f"  --memory auto for {card} GiB: {e}")
+            AUTO_NOTES.append(f"hw defaults, `--memory auto` for a {card} GiB card: no row — {e}")
             continue
         c = p.config
         ph = Phase(unet_dtype="float16", autocast="float16", checkpointing=c.gradient_checkpointing, vae_dtype=c.vae_dtype,
@@ -818,6 +822,7 @@ def report(res: dict) -> None:
     lines += ["", "Rows are cumulative from the third. Flags and the phase that sets each peak:", ""]
     for r in res["rows"]:
         lines.append(f"- {r['name']}: `{r['flags']}` — peak in the {r['peak_phase']}")
+    lines += [f"- {n}" for n in AUTO_NOTES]
     lines += ["", "| decode + score of the 4 candidates at 1024² (SPM fp16) | VAE decode peak | then SPM | peak |", "|---|---:|---:|---:|"]
     for d in res["decode_variants"]:
         lines.append(f"| {d['variant']} | {d['decode_peak'] / GiB:.2f} | {d['spm_peak'] / GiB:.2f} | {d['peak'] / GiB:.2f} |")
