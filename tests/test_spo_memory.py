@@ -86,3 +86,20 @@ def test_model_within_5_percent_of_the_simulation_at_three_resolutions(family):
             sim = cal.simulate(models, kind, var, n, res)[fig]
             model = activation(coef[key], n, (res // 8) ** 2)
             assert abs(model / sim - 1) < 0.05, (key, res, sim / GiB, model / GiB)
+
+
+def test_a_cuda_run_takes_the_plan_and_says_so():
+    """run.train's planning step on a (declared) 24 GiB CUDA card: the config it trains with and the line it prints."""
+    from pycore.spo.run import TrainRequest, _plan_memory
+
+    cfg = from_preset("sdxl")
+    said: list[str] = []
+    req = TrainRequest(base="b", spm="s", prompts="p.txt", out="o", config=cfg, gpu_memory=24)
+    p = _plan_memory(req, cfg, "cuda", said.append)
+    assert p.config.gradient_checkpointing and p.config.mixed_precision == "fp16"
+    assert said and said[0].startswith("memory (auto): gradient checkpointing; estimated peak 17.2 GiB of 24.0 GiB")
+    assert p.to_dict()["flags"] == "--gradient-checkpointing"
+    assert _plan_memory(req, cfg, "cpu", said.append) is None
+    off = _plan_memory(TrainRequest(base="b", spm="s", prompts="p.txt", out="o", config=cfg, gpu_memory=24, memory="off"), cfg, "cuda",
+                       said.append)  # fmt: skip
+    assert not off.config.gradient_checkpointing and not off.fits

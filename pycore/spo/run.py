@@ -204,16 +204,9 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     vae = resolve_vae(req.vae, cfg.model_family)
     device_type = _device_type(req.cpu)
     cfg = cfg.for_device(device_type, vae_fp16_safe=vae_fp16_safe(vae, cfg.model_family))
-    memory_plan = None
-    if device_type == "cuda":  # on CUDA: the fastest option set that fits the card (explicit options win)
-        from pycore.spo.memory import plan_run
-
-        memory_plan = plan_run(cfg, req.gpu_memory, explicit=req.explicit, memory=req.memory)
-        if memory_plan is not None:
-            cfg = memory_plan.config
-            chosen = ", ".join(memory_plan.steps) or "no memory-saving options needed"
-            say(f"memory ({req.memory}): {chosen}; estimated peak {memory_plan.estimate.peak / 2**30:.1f} GiB of {memory_plan.card_gib:.1f} GiB "
-                f"({memory_plan.card_source})")  # fmt: skip
+    memory_plan = _plan_memory(req, cfg, device_type, say)
+    if memory_plan is not None:
+        cfg = memory_plan.config
     acc = make_accelerator(cfg, out, cpu=req.cpu, log_with=req.log_with)
     device = acc.device
     if acc.is_main_process:
@@ -266,6 +259,22 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     report = _report(result, cfg, out, resuming, prompts, prompt_set, acc.num_processes, preview is not None, t_start, vae)
     report["memory_plan"] = memory_plan.to_dict() if memory_plan is not None else None
     return report
+
+
+def _plan_memory(req: TrainRequest, cfg: SPOConfig, device_type: str, say: Callable[[str], None]) -> Any:
+    """On CUDA: the fastest option set that fits the card (explicit options win); None elsewhere."""
+    if device_type != "cuda":
+        return None
+    from pycore.spo.memory import plan_run
+
+    p = plan_run(cfg, req.gpu_memory, explicit=req.explicit, memory=req.memory)
+    if p is not None:
+        chosen = ", ".join(p.steps) or "no memory-saving options needed"
+        say(f"memory ({req.memory}): {chosen}; estimated peak {p.estimate.peak / 2**30:.1f} GiB of {p.card_gib:.1f} GiB ({p.card_source})")
+        if not p.fits:
+            say("warning: the estimated peak does not fit this card with the CUDA context and margin; expect an out-of-memory "
+                "error (--memory auto picks options that fit)")  # fmt: skip
+    return p
 
 
 def _device_type(cpu: bool) -> str:
