@@ -36,8 +36,33 @@ from pycore.spo.config import SPOConfig, from_preset  # noqa: E402
 GiB = 2**30
 
 
+def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights straight on ``device`` in ``dtype`` (no fp32 copy on the card): meta or CPU module → empty
+    storage → weights N(0, 0.02), biases 0, 1-D scales 1, position ids rebuilt."""
+    module.to(dtype=dtype)
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for mod in module.modules():
+            for name, p in mod.named_parameters(recurse=False):
+                if name == "bias":
+                    p.zero_()
+                elif p.ndim == 0:  # CLIP's logit_scale
+                    p.fill_(4.6052)
+                elif p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+            for name, b in mod.named_buffers(recurse=False):
+                if "position_ids" in name:
+                    b.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
+                elif b.is_floating_point():
+                    b.zero_()
+    return module.requires_grad_(False)
+
+
 def build(cfg: SPOConfig, tiny: bool, device: torch.device, tmp: Path) -> dict[str, Any]:
-    """Random-weight UNet (half), VAE and SPM (their dtypes); SDXL's architecture or the tiny test models."""
+    """Random-weight UNet (half), VAE and SPM (their dtypes); SDXL's architecture (built on the meta device, then
+    materialized on the card) or the tiny test models (through the same materialization)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel
 
@@ -58,13 +83,14 @@ def build(cfg: SPOConfig, tiny: bool, device: torch.device, tmp: Path) -> dict[s
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from spo_memory_budget import PICKSCORE, VAE_EXTRA
 
-        with torch.device(device):
+        with torch.device("meta"):
             unet = UNet2DConditionModel(**UNET)
             vae = AutoencoderKL(**VAE, **VAE_EXTRA)
             spm = StepAwarePreferenceModel(TimeConditionedCLIP(CLIPModel(CLIPConfig(**PICKSCORE))), tokenizer=None)
-    unet.to(device, half).requires_grad_(False)
-    vae.to(device, {"float16": half, "bfloat16": torch.bfloat16}.get(cfg.vae_dtype, torch.float32)).requires_grad_(False)
-    spm.to(device, {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.spm_dtype, torch.float32)).requires_grad_(False)
+    dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    materialize(unet, device, half)
+    materialize(vae, device, dt.get(cfg.vae_dtype, torch.float32))
+    materialize(spm, device, dt.get(cfg.spm_dtype, torch.float32))
     return {"unet": unet, "vae": vae, "spm": spm.eval(), "half": half}
 
 
