@@ -174,6 +174,8 @@ def _print_plan(cfg, gpu_memory: float | None, explicit: frozenset[str], memory:
     t.add_column("GiB", justify="right")
     for k, v in est.components.items():
         t.add_row(k, f"{v / GiB:.2f}")
+    for k, v in est.activations.items():
+        t.add_row(f"activations: {k}", f"{v / GiB:.2f}")
     for k, v in est.phases.items():
         t.add_row(f"[b]{k}[/b] (total)", f"{v / GiB:.2f}")
     console.print(t)
