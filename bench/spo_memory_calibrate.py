@@ -31,9 +31,11 @@ import torch  # noqa: E402
 
 import spo_memory_budget as smb  # noqa: E402
 from pycore.spo.config import from_preset  # noqa: E402
-from pycore.spo.memory import CALIBRATION_FILE, SD15_UNET, decode_key, sample_key, spm_key, train_key  # noqa: E402
+from pycore.spo.memory import CALIBRATION_FILE, SD15_UNET, decode_key, effective_key, sample_key, spm_key, train_key  # noqa: E402
 
 FIT_RES = {"sdxl": (768, 1280), "sd15": (256, 768)}
+#: Tiled decodes are fitted where tiling happens (above the 512² tile); at or below it the planner uses the untiled figures.
+TILED_FIT_RES = {"sdxl": (768, 1280), "sd15": (640, 1024)}
 CHECK_RES = {"sdxl": (832, 1024, 1216), "sd15": (384, 512, 640)}
 
 
@@ -137,12 +139,14 @@ def parameters(models: Models) -> dict[str, int]:
             "lora_per_rank": n_lora / models.cfg.lora_rank}  # fmt: skip
 
 
-def fit(family: str, log: Any = print) -> dict[str, Any]:
+def fit(family: str, log: Any = print, only: set[str] | None = None, coeffs: dict[str, Any] | None = None) -> dict[str, Any]:
     models = Models(family)
     cfg = models.cfg
-    r1, r2 = FIT_RES[family]
-    coeffs: dict[str, Any] = {}
+    coeffs = dict(coeffs or {})
     for key, kind, var, fig in variants(family):
+        if only and key not in only:
+            continue
+        r1, r2 = TILED_FIT_RES[family] if "tiled" in key else FIT_RES[family]
         n0 = preset_n(cfg, kind)
         p1, p2 = (r1 // 8) ** 2, (r2 // 8) ** 2
         t0 = time.perf_counter()
@@ -161,7 +165,8 @@ def fit(family: str, log: Any = print) -> dict[str, Any]:
             a, c = const0, 0.0
         coeffs[key] = {"a": a, "c": c, "b": b}
         log(f"  {family} {key}: a {a / 2**20:.0f} MiB, c {c / 2**20:.1f} MiB, b {b:.0f} B/latent px ({time.perf_counter() - t0:.0f}s)")
-    return {"params": parameters(models), "activations": coeffs, "fit_resolutions": list(FIT_RES[family])}
+    return {"params": parameters(models), "activations": coeffs, "fit_resolutions": list(FIT_RES[family]),
+            "tiled_fit_resolutions": list(TILED_FIT_RES[family])}  # fmt: skip
 
 
 def check(family: str, calib: dict[str, Any], log: Any = print) -> list[dict[str, Any]]:
@@ -174,7 +179,7 @@ def check(family: str, calib: dict[str, Any], log: Any = print) -> list[dict[str
         n = preset_n(models.cfg, kind)
         for res in CHECK_RES[family]:
             sim = simulate(models, kind, var, n, res)[fig]
-            model = activation(calib[family]["activations"][key], n, (res // 8) ** 2)
+            model = activation(calib[family]["activations"][effective_key(key, res)], n, (res // 8) ** 2)
             rows.append({"family": family, "variant": key, "resolution": res, "n": n, "sim": sim, "model": model,
                          "rel_err": model / sim - 1})  # fmt: skip
             log(f"  {family} {key} {res}²: sim {sim / 2**30:.3f} GiB, model {model / 2**30:.3f} GiB ({100 * (model / sim - 1):+.1f}%)")
@@ -185,6 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare the stored calibration with fresh simulations at three resolutions")
     ap.add_argument("--family", choices=("sdxl", "sd15"), action="append", help="only this family (repeatable)")
+    ap.add_argument("--only", action="append", help="refit only this variant key (repeatable), keeping the others")
     args = ap.parse_args()
     torch.set_num_threads(1)
     fams = args.family or ["sdxl", "sd15"]
@@ -196,7 +202,7 @@ def main() -> None:
         return
     calib = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.exists() else {}
     for f in fams:
-        calib[f] = fit(f)
+        calib[f] = fit(f, only=set(args.only) if args.only else None, coeffs=calib.get(f, {}).get("activations") if args.only else None)
     CALIBRATION_FILE.write_text(json.dumps(calib, indent=1, sort_keys=True) + "\n")
     print(f"wrote {CALIBRATION_FILE}")
 

