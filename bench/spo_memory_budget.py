@@ -616,13 +616,14 @@ CARDS = (80, 24, 16, 12)
 def options() -> list[Option]:
     official = Phase(unet_dtype="float16", autocast="float16", official=True, vae_dtype="float16", spm_dtype="float32",
                      score_autocast=False)  # fmt: skip
-    same = Phase(unet_dtype="float16", autocast="float16", vae_dtype="float16", spm_dtype="float32")
+    same = Phase(unet_dtype="float16", autocast="float16", vae_dtype="float16", spm_dtype="float32", score_autocast=False)
     ck = replace(same, checkpointing=True)
     return [
         Option("official code (RockeyCoss/SPO, SDXL config)", official, second_unet=True,
                flags="accelerate fp16; use_checkpointing False; fp16-fix VAE in fp16; SPM fp32"),
-        Option("hw defaults (`--mixed-precision no`: fp32 UNet, VAE, SPM)", Phase(unet_dtype="float32", autocast=None),
-               text_encoders_resident=False, text_encoder_dtype="float32", flags="(defaults)"),
+        Option("hw without mixed precision (`--mixed-precision no --vae-dtype float32 --memory off`: fp32 UNet, VAE, SPM)",
+               Phase(unet_dtype="float32", autocast=None, score_autocast=False), text_encoders_resident=False, text_encoder_dtype="float32",
+               flags="--mixed-precision no --vae-dtype float32 --memory off"),
         Option("hw, the official settings (reference = LoRA disabled)", same,
                flags="--mixed-precision fp16 --vae madebyollin/sdxl-vae-fp16-fix --vae-dtype float16 --set cache_prompt_embeddings=false"),
         Option("+ cached prompt embeddings (text encoders offloaded)", same, text_encoders_resident=False,
@@ -634,7 +635,32 @@ def options() -> list[Option]:
                flags="+ --8bit-adam (bitsandbytes, CUDA)"),
         Option("+ train batch 1 × accumulation 4 (same effective batch)", replace(ck, spm_dtype="float16", decode="sliced", train_batch_size=1),
                text_encoders_resident=False, adam_bytes=2.0, flags="+ --set train_batch_size=1 --set gradient_accumulation_steps=4"),
+        *auto_options(),
     ]  # fmt: skip
+
+
+AUTO_NOTES: list[str] = []
+
+
+def auto_options(cards: tuple[int, ...] = CARDS) -> list[Option]:
+    """hw's defaults on CUDA: what `--memory auto` chooses for each card (pycore.spo.memory.plan), simulated like the rows above."""
+    from pycore.spo.memory import MemoryError_, decode_mode, plan
+
+    rows = []
+    for card in cards:
+        try:
+            p = plan(from_preset("sdxl"), card)
+        except MemoryError_ as e:
+            log(f"  --memory auto for {card} GiB: {e}")
+            AUTO_NOTES.append(f"hw defaults, `--memory auto` for a {card} GiB card: no row — {e}")
+            continue
+        c = p.config
+        ph = Phase(unet_dtype="float16", autocast="float16", checkpointing=c.gradient_checkpointing, vae_dtype=c.vae_dtype,
+                   decode=decode_mode(c), spm_dtype=c.spm_dtype, train_batch_size=c.train_batch_size, score_autocast=False)  # fmt: skip
+        rows.append(Option(f"hw defaults, `--memory auto` for a {card} GiB card (planned {p.estimate.peak / GiB:.1f} GiB)", ph,
+                           text_encoders_resident=not c.cache_prompt_embeddings, adam_bytes=2.0 if c.use_8bit_adam else 8.0,
+                           flags=" ".join(p.flags) or "(no flags)"))  # fmt: skip
+    return rows
 
 
 #: Decode + score variants (k × batch = 4 candidates at 1024²) for the second table.
@@ -796,6 +822,7 @@ def report(res: dict) -> None:
     lines += ["", "Rows are cumulative from the third. Flags and the phase that sets each peak:", ""]
     for r in res["rows"]:
         lines.append(f"- {r['name']}: `{r['flags']}` — peak in the {r['peak_phase']}")
+    lines += [f"- {n}" for n in AUTO_NOTES]
     lines += ["", "| decode + score of the 4 candidates at 1024² (SPM fp16) | VAE decode peak | then SPM | peak |", "|---|---:|---:|---:|"]
     for d in res["decode_variants"]:
         lines.append(f"| {d['variant']} | {d['decode_peak'] / GiB:.2f} | {d['spm_peak'] / GiB:.2f} | {d['peak'] / GiB:.2f} |")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.common import Json, Overwrite, console, print_json, progress
+from pycore.limits import MAX_RESOLUTION
 
 TRAIN_HELP = """Fine-tune SDXL (or SD1.5) with Step-aware Preference Optimization, as a LoRA.
 
@@ -20,7 +21,10 @@ change any option with --config FILE (JSON/TOML), the options below, or --set KE
 OUT receives spo_lora_diffusers.safetensors (pipe.load_lora_weights), spo_lora_kohya.safetensors
 (ComfyUI/A1111), spo_config.json, checkpoints/ (continue with --resume), samples/ (fixed prompts
 and seeds per epoch; epoch_0000 = the base model), logs/ (TensorBoard) and train_log.jsonl.
-Several GPUs or nodes: `accelerate launch -m cli.app spo-train ...`.
+Several GPUs or nodes: `accelerate launch -m cli.app spo-train ...`. On CUDA, --memory auto picks
+the fastest option set that fits the card; --plan prints it without loading weights.
+
+Example: hw spo-train --base stabilityai/stable-diffusion-xl-base-1.0 --spm spo-sdxl --prompts prompts.txt --out spo_run
 """
 
 SAMPLE_HELP = """Generate images with SPO's evaluation settings (DDIM 20 steps, CFG 5) for before/after comparisons.
@@ -61,47 +65,54 @@ def _list_options() -> None:
     console.print(t)
 
 
+REQ, TRAIN, MEM, MODELS, LOGS, RUN = ("Required (not needed with --plan, --print-config, --list-options)", "Training", "Memory and precision",
+                                     "Models", "Samples and logs", "Run control")  # fmt: skip
+
+
 def spo_train(
-    base: Annotated[str | None, typer.Option("--base", help="SDXL/SD1.5 model: hub name (stabilityai/stable-diffusion-xl-base-1.0), diffusers folder, or single .safetensors file.", show_default=False)] = None,
-    spm: Annotated[str | None, typer.Option("--spm", help="Step-aware preference model: spo-sdxl, spo-sd15, a .bin/.safetensors file, an hw spm-train folder, or a plain CLIP/PickScore model.", show_default=False)] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="Training prompts: .txt (one per line), .jsonl, or a manifest/table .parquet/.csv.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (LoRA, config, checkpoints, samples, logs).", show_default=False)] = None,
-    prompt_column: PromptColumn = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="Official settings to start from: sdxl or sd15 (default: the base model's family).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file of SPO options (see --list-options); may name a preset.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any option as KEY=VALUE (repeatable), e.g. --set threshold=0.3 --set logprob_reduction=sum.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the prompts (official 10).", min=1)] = None,
-    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank (official 64 SDXL, 4 SD1.5).")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--learning-rate", "--lr", help="AdamW learning rate (official 1e-5 SDXL, 6e-5 SD1.5).")] = None,
-    resolution: Annotated[int | None, typer.Option("--resolution", help="Training resolution (official 1024 SDXL, 512 SD1.5).")] = None,
-    sample_batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per process per rollout (official 2 SDXL, 10 SD1.5).", min=1)] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimiser step.", min=1)] = None,
-    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no, fp16 or bf16 (frozen weights in that dtype, LoRA in fp32).")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in backward (less memory, slower).", show_default=False)] = None,
-    spm_dtype: Annotated[str | None, typer.Option("--spm-dtype", help="float32 (official), float16 or bfloat16.")] = None,
-    vae_dtype: Annotated[str | None, typer.Option("--vae-dtype", help="float32, float16 (use --vae madebyollin/sdxl-vae-fp16-fix) or bfloat16.")] = None,
-    vae_slicing: Annotated[bool | None, typer.Option("--vae-slicing/--no-vae-slicing", help="Decode one image at a time.", show_default=False)] = None,
-    vae_tiling: Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", help="Decode in tiles.", show_default=False)] = None,
-    use_8bit_adam: Annotated[bool | None, typer.Option("--8bit-adam/--no-8bit-adam", help="bitsandbytes 8-bit AdamW (needs bitsandbytes and CUDA).", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of every random choice (official 42).", min=0)] = None,
-    vae: Vae = None,
-    base_config: BaseConfig = None,
-    spm_base: SpmBase = None,
-    spm_processor: SpmProcessor = None,
-    sample_prompts: Annotated[Path | None, typer.Option("--sample-prompts", help="Prompts for the per-epoch sample images (default: the first training prompts).")] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Sample images per epoch (0 = none).", min=0)] = 4,
-    sample_every: Annotated[int, typer.Option("--sample-every", help="Write sample images every N epochs (and at the start and end).", min=1)] = 1,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its latest checkpoint (same settings).")] = False,
-    stop_after_epochs: Annotated[int | None, typer.Option("--stop-after-epochs", help="Stop after this many epochs (checkpointed; continue later with --resume).", min=1)] = None,
-    no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not write TensorBoard logs (train_log.jsonl is still written).")] = False,
-    cpu: Annotated[bool, typer.Option("--cpu", help="Run on the CPU even if a GPU is present.")] = False,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration as JSON and exit.")] = False,
-    list_options: Annotated[bool, typer.Option("--list-options", help="List every SPO option with the official values and exit.")] = False,
-    json_out: Json = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds an earlier run (its checkpoints, samples, logs and LoRA are removed).")] = False,
+    base: Annotated[str | None, typer.Option("--base", help="[required] SDXL/SD1.5 model: hub name (stabilityai/stable-diffusion-xl-base-1.0), diffusers folder, or single .safetensors file.", show_default=False, rich_help_panel=REQ)] = None,
+    spm: Annotated[str | None, typer.Option("--spm", help="[required] Step-aware preference model: spo-sdxl, spo-sd15, a .bin/.safetensors file, an hw spm-train folder, or a plain CLIP/PickScore model.", show_default=False, rich_help_panel=REQ)] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="[required] Training prompts: .txt (one per line), .jsonl, or a manifest/table .parquet/.csv.", show_default=False, rich_help_panel=REQ)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="[required] Output folder (LoRA, config, checkpoints, samples, logs).", show_default=False, rich_help_panel=REQ)] = None,
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Column/key holding the prompt (e.g. caption from hw caption).", rich_help_panel=MODELS)] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Official settings to start from: sdxl or sd15 (default: the base model's family).", rich_help_panel=TRAIN)] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file of SPO options (see --list-options); may name a preset.", rich_help_panel=TRAIN)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any option as KEY=VALUE (repeatable), e.g. --set threshold=0.3 --set logprob_reduction=sum.", rich_help_panel=TRAIN)] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the prompts (official 10).", min=1, rich_help_panel=TRAIN)] = None,
+    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank (official 64 SDXL, 4 SD1.5).", rich_help_panel=TRAIN)] = None,
+    learning_rate: Annotated[float | None, typer.Option("--learning-rate", "--lr", help="AdamW learning rate (official 1e-5 SDXL, 6e-5 SD1.5).", rich_help_panel=TRAIN)] = None,
+    resolution: Annotated[int | None, typer.Option("--resolution", help=f"Training resolution (official 1024 SDXL, 512 SD1.5; at most {MAX_RESOLUTION}).", rich_help_panel=TRAIN)] = None,
+    sample_batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per process per rollout (official 2 SDXL, 10 SD1.5).", min=1, rich_help_panel=TRAIN)] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimiser step.", min=1, rich_help_panel=TRAIN)] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of every random choice (official 42).", min=0, rich_help_panel=TRAIN)] = None,
+    memory: Annotated[str, typer.Option("--memory", help="auto: on CUDA pick the fastest option set that fits the card (explicit options win); off: use the options as given.", rich_help_panel=MEM)] = "auto",
+    gpu_memory: Annotated[float | None, typer.Option("--gpu-memory", help="Plan for a card of this many GiB instead of the detected card's free memory (works without a GPU with --plan).", rich_help_panel=MEM)] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the memory plan (per component and phase) without loading weights, and exit.", rich_help_panel=MEM)] = False,
+    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="auto (fp16 on CUDA, as the official run; no on the CPU), no, fp16 or bf16: autocast around the policy UNet only, frozen weights in that dtype, LoRA and AdamW in fp32.", rich_help_panel=MEM)] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in backward (less memory, slower).", show_default=False, rich_help_panel=MEM)] = None,
+    spm_dtype: Annotated[str | None, typer.Option("--spm-dtype", help="float32 (official), float16 or bfloat16; the SPM runs outside autocast.", rich_help_panel=MEM)] = None,
+    vae_dtype: Annotated[str | None, typer.Option("--vae-dtype", help="auto (float16 on CUDA with an fp16-safe VAE, else float32), float32, float16 or bfloat16; the decode runs outside autocast.", rich_help_panel=MEM)] = None,
+    vae_slicing: Annotated[bool | None, typer.Option("--vae-slicing/--no-vae-slicing", help="Decode one image at a time.", show_default=False, rich_help_panel=MEM)] = None,
+    vae_tiling: Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", help="Decode in tiles.", show_default=False, rich_help_panel=MEM)] = None,
+    use_8bit_adam: Annotated[bool | None, typer.Option("--8bit-adam/--no-8bit-adam", help="bitsandbytes 8-bit AdamW (needs bitsandbytes and CUDA).", show_default=False, rich_help_panel=MEM)] = None,
+    vae: Annotated[str | None, typer.Option("--vae", help="VAE that decodes x̂0 for the SPM (hub name, folder or file). SDXL default: madebyollin/sdxl-vae-fp16-fix (the official run's; finite in float16); --vae base keeps the base model's own VAE.", rich_help_panel=MODELS)] = None,
+    base_config: Annotated[str | None, typer.Option("--base-config", help="For a single-file --base: the diffusers repo/folder whose configs describe it (default: the official SDXL/SD1.5 repo).", rich_help_panel=MODELS)] = None,
+    spm_base: Annotated[str | None, typer.Option("--spm-base", help="CLIP config a released SPM .bin was trained from (default yuvalkirstain/PickScore_v1).", rich_help_panel=MODELS)] = None,
+    spm_processor: Annotated[str | None, typer.Option("--spm-processor", help="Tokenizer source for the SPM.", rich_help_panel=MODELS)] = None,
+    sample_prompts: Annotated[Path | None, typer.Option("--sample-prompts", help="Prompts for the per-epoch sample images (default: the first training prompts).", rich_help_panel=LOGS)] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Sample images per epoch (0 = none).", min=0, rich_help_panel=LOGS)] = 4,
+    sample_every: Annotated[int, typer.Option("--sample-every", help="Write sample images every N epochs (and at the start and end).", min=1, rich_help_panel=LOGS)] = 1,
+    no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not write TensorBoard logs (train_log.jsonl is still written).", rich_help_panel=LOGS)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its latest checkpoint (same settings).", rich_help_panel=RUN)] = False,
+    stop_after_epochs: Annotated[int | None, typer.Option("--stop-after-epochs", help="Stop after this many epochs (checkpointed; continue later with --resume).", min=1, rich_help_panel=RUN)] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Run on the CPU even if a GPU is present.", rich_help_panel=RUN)] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration as JSON and exit.", rich_help_panel=RUN)] = False,
+    list_options: Annotated[bool, typer.Option("--list-options", help="List every SPO option with the official values and exit.", rich_help_panel=RUN)] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.", rich_help_panel=RUN)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds an earlier run (its checkpoints, samples, logs and LoRA are removed).", rich_help_panel=RUN)] = False,
 ) -> None:
     from pycore.errors import HwError
-    from pycore.spo.settings import resolve_config
+    from pycore.spo.settings import explicit_fields, resolve_config
 
     if list_options:
         _list_options()
@@ -110,18 +121,22 @@ def spo_train(
                    sample_batch_size=sample_batch_size, train_batch_size=sample_batch_size, gradient_accumulation_steps=grad_accum,
                    mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, spm_dtype=spm_dtype,
                    vae_dtype=vae_dtype, vae_slicing=vae_slicing, vae_tiling=vae_tiling, use_8bit_adam=use_8bit_adam, seed=seed)  # fmt: skip
-    cfg, _ = resolve_config(preset=preset, config_file=config, options=options, sets=set_ or [])
+    family = None
+    if base is not None and (plan or not print_config):
+        from pycore.diffusion.load import detect_family
+
+        family = detect_family(base, single_file_config=base_config)
+    cfg, _ = resolve_config(family=family, preset=preset, config_file=config, options=options, sets=set_ or [])
+    explicit = explicit_fields(config_file=config, options=options, sets=set_ or [])
     if print_config:
         print_json(cfg.to_dict())
+        return
+    if plan:
+        _print_plan(cfg, gpu_memory, explicit, memory, json_out)
         return
     missing = [n for n, v in (("--base", base), ("--spm", spm), ("--prompts", prompts), ("--out", out)) if v is None]
     if missing:
         raise HwError(f"missing {', '.join(missing)} (see hw spo-train --help)")
-    from pycore.diffusion.load import detect_family
-
-    family = detect_family(base, single_file_config=base_config)  # type: ignore[arg-type]
-    cfg, _ = resolve_config(family=family, preset=preset, config_file=config, options=options, sets=set_ or [])
-
     from pycore.spo.run import TrainRequest, train
 
     def say(msg: str) -> None:
@@ -132,10 +147,44 @@ def spo_train(
                        base_config=base_config, spm_base=spm_base, spm_processor=spm_processor,
                        sample_prompts=str(sample_prompts) if sample_prompts else None, num_samples=num_samples,
                        sample_every=sample_every, resume=resume, overwrite=overwrite, stop_after_epochs=stop_after_epochs, cpu=cpu,
-                       log_with=() if no_tensorboard else ("tensorboard",))  # fmt: skip
+                       log_with=() if no_tensorboard else ("tensorboard",), memory=memory, gpu_memory=gpu_memory, explicit=explicit)  # fmt: skip
     report = train(req, say=say)
-    if "rank" in report:  # not the main process
+    if "rank" not in report:  # only the main process reports
+        _render_train(report, json_out)
+
+
+def _print_plan(cfg, gpu_memory: float | None, explicit: frozenset[str], memory: str, json_out: bool) -> None:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    from pycore.spo.memory import GiB, MemoryPlan, estimate, plan_run
+
+    p = plan_run(cfg, gpu_memory, explicit=explicit, memory=memory)
+    if p is None:  # no card: the estimate of the options as given
+        est = estimate(cfg)
+        data = {"family": cfg.model_family, "resolution": cfg.resolution, "card_gib": None,
+                "card_source": "no CUDA device (pass --gpu-memory GIB to plan for a card)", **est.to_dict()}  # fmt: skip
+    else:
+        data, est = p.to_dict(), p.estimate
+    if json_out:
+        print_json(data)
         return
+    t = Table(title=f"SPO memory plan: {cfg.model_family} at {cfg.resolution}², card {data['card_gib'] and round(data['card_gib'], 1)} GiB "
+                    f"({data['card_source']})")  # fmt: skip
+    t.add_column("component / phase")
+    t.add_column("GiB", justify="right")
+    for k, v in est.components.items():
+        t.add_row(k, f"{v / GiB:.2f}")
+    for k, v in est.activations.items():
+        t.add_row(f"activations: {k}", f"{v / GiB:.2f}")
+    for k, v in est.phases.items():
+        t.add_row(f"[b]{k}[/b] (total)", f"{v / GiB:.2f}")
+    console.print(t)
+    if isinstance(p, MemoryPlan):
+        console.print(f"chosen: {', '.join(p.steps) or 'no memory-saving options needed'}; flags: {' '.join(p.flags) or '(none)'}; "
+                      f"peak {est.peak / GiB:.1f} GiB in the {est.peak_phase} — {'fits' if p.fits else 'does NOT fit'}", highlight=False)  # fmt: skip
+
+
+def _render_train(report: dict, json_out: bool) -> None:
     if json_out:
         print_json(report)
         return
@@ -148,7 +197,14 @@ def spo_train(
         console.print(f"final-image reward during training: epoch {first[0]} {first[1]:.3f} → epoch {last[0]} {last[1]:.3f}")
     console.print(f"{report['pairs_kept']:,} pairs kept over {report['epochs_done']} epochs in {report['seconds']:.0f}s")
     console.print("LoRA → " + ", ".join(report["lora"]) + f"; config → {report['config']}")
-    console.print(f"samples → {report['samples']}; TensorBoard: tensorboard --logdir {Path(report['out']) / 'logs'}")
+    console.print(f"precision: mixed {report['mixed_precision']}, VAE {report['vae']} in {report['vae_dtype']}, SPM in {report['spm_dtype']}")
+    mp = report.get("memory_plan")
+    if mp:
+        console.print(f"memory plan: {', '.join(mp['chosen']) or 'no memory-saving options needed'}; estimated peak {mp['peak_gib']:.1f} GiB "
+                      f"of {mp['card_gib']:.1f} GiB")  # fmt: skip
+    if report["samples"]:
+        console.print(f"samples → {report['samples']}")
+    console.print(f"TensorBoard: tensorboard --logdir {Path(report['out']) / 'logs'}")
 
 
 def spo_sample(

@@ -70,7 +70,7 @@ echo "== hw spo-train: SPO of a tiny SDXL-shaped pipeline (built here; real use:
 echo "   --spm spo-sdxl) on the sample's captions, then hw spo-sample: before/after with the same seeds, scored by the SPM"
 "$venv/bin/python" -c 'from tests.kit.diffusion import save_tiny_pipeline; save_tiny_pipeline("out/tiny_sdxl", full_layout=True)'
 "$hw" spo-train --base out/tiny_sdxl --spm out/tiny_spm --prompts out/sample_captioned.parquet --prompt-column caption \
-  --out out/spo_run --resolution 8 --lora-rank 4 --lr 1e-3 --epochs 1 --set threshold=0.0 --num-samples 2 --overwrite
+  --out out/spo_run --resolution 8 --lora-rank 4 --lr 1e-3 --epochs 1 --set threshold=0.0 --num-samples 2 --vae base --overwrite
 "$hw" spo-sample --base out/tiny_sdxl --lora out/spo_run/spo_lora_diffusers.safetensors --prompts out/sample_captioned.parquet \
   --prompt-column caption --limit 4 --compare --spm out/tiny_spm --resolution 8 --out out/spo_samples --overwrite
 echo

@@ -16,7 +16,7 @@ from tests.kit.diffusion import save_tiny_pipeline  # noqa: E402
 
 # Resolution 8: the tiny VAE has one level, so the latents are 4×8×8. Threshold 0 keeps every pair.
 FAST = ["--resolution", "8", "--lora-rank", "2", "--lr", "1e-3", "--batch-size", "2", "--set", "threshold=0.0",
-        "--num-samples", "2", "--epochs", "2"]  # fmt: skip
+        "--num-samples", "2", "--epochs", "2", "--vae", "base"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

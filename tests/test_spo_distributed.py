@@ -115,7 +115,7 @@ def test_accelerate_launch_two_processes_resume_equals_uninterrupted(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\na dog\na car\na tree\na house\n")
     common = ["spo-train", "--base", tmp_path / "base", "--spm", tmp_path / "spm", "--prompts", tmp_path / "p.txt", "--resolution", "8",
               "--lora-rank", "2", "--lr", "1e-3", "--batch-size", "1", "--set", "threshold=0.0", "--epochs", "2",
-              "--num-samples", "0", "--no-tensorboard", "--json"]  # fmt: skip
+              "--num-samples", "0", "--no-tensorboard", "--json", "--vae", "base"]  # fmt: skip
     full = accelerate_launch([*common, "--out", tmp_path / "full"], cwd=os.getcwd())
     assert full.returncode == 0, full.stderr[-3000:]
     rep = json.loads(full.stdout)  # one report: rank 1 prints nothing

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pycore.errors import HwError
+from pycore.limits import MAX_RESOLUTION
 
 
 class SPOConfigError(HwError):
@@ -58,19 +59,24 @@ class SPOConfig:
     adam_weight_decay: float = _opt(1e-4, "AdamW weight decay.")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
     use_8bit_adam: bool = _opt(False, "Use bitsandbytes' 8-bit AdamW (needs bitsandbytes and CUDA).")
-    max_grad_norm: float | None = _opt(1.0, "Clip the LoRA gradient norm to this (None = no clipping; the official clip was a silent no-op).")
+    max_grad_norm: float | None = _opt(1.0, "Clip the LoRA gradient norm to this. Differs from the official run, whose clip was a silent no-op: "
+                                        "--set max_grad_norm=null reproduces it.")
     # batching
     sample_batch_size: int = _opt(2, "Prompts per process per rollout (official: sample batch = train batch).")
     train_batch_size: int = _opt(2, "Transitions per process per optimiser micro-step.")
-    gradient_accumulation_steps: int = _opt(2, "Micro-steps accumulated per optimiser step.")
+    gradient_accumulation_steps: int = _opt(2, "Micro-steps accumulated per optimiser step, counted across rollout batches as in the "
+                                            "official loop; hw also steps at each epoch's end (official: leftovers carry into the next "
+                                            "epoch) so that checkpoints resume exactly.")
     num_epochs: int = _opt(10, "Passes over the prompt list.")
     shuffle_pairs: bool = _opt(True, "Shuffle the gathered pairs before splitting them across processes (official).")
     # engineering
     seed: int = _opt(42, "Seed of every generator (rollouts, continuation choice, shuffles, LoRA init).")
-    mixed_precision: str = _opt("no", "accelerate mixed precision: 'no', 'fp16' or 'bf16'.")
+    mixed_precision: str = _opt("auto", "accelerate mixed precision around the policy UNet: 'auto' (fp16 on CUDA as the official run, "
+                                "'no' elsewhere), 'no', 'fp16' or 'bf16'; frozen weights in that half dtype, LoRA and AdamW in fp32.")
     gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass (less memory, ~30% slower).")
-    spm_dtype: str = _opt("float32", "dtype of the step-aware preference model ('float32' official, 'float16', 'bfloat16').")
-    vae_dtype: str = _opt("float32", "dtype of the VAE for decoding x̂0 (use sdxl-vae-fp16-fix for float16).")
+    spm_dtype: str = _opt("float32", "dtype of the step-aware preference model, outside autocast ('float32' official, 'float16', 'bfloat16').")
+    vae_dtype: str = _opt("auto", "dtype of the VAE decoding x̂0, outside autocast: 'auto' (float16 on CUDA when the VAE is fp16-safe: "
+                          "SDXL's fp16-fix or SD1.5's, as the official run; else float32), 'float32', 'float16', 'bfloat16'.")
     vae_slicing: bool = _opt(False, "Decode one image at a time.")
     vae_tiling: bool = _opt(False, "Decode in tiles (for large resolutions on small cards).")
     cache_prompt_embeddings: bool = _opt(True, "Encode each prompt once and keep the embeddings on the CPU.")
@@ -82,8 +88,8 @@ class SPOConfig:
 
         if self.model_family not in ("sdxl", "sd15"):
             bad(f"model_family must be 'sdxl' or 'sd15', got {self.model_family!r}")
-        if self.resolution < 8 or self.resolution % 8:
-            bad(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 8 <= self.resolution <= MAX_RESOLUTION or self.resolution % 8:
+            bad(f"resolution must be a multiple of 8 in 8..{MAX_RESOLUTION} (pycore.limits.MAX_RESOLUTION), got {self.resolution}")
         if not 2 <= self.num_inference_steps <= 1000:
             bad(f"num_inference_steps must be in 2..1000, got {self.num_inference_steps}")
         if not 0.0 < self.eta <= 1.0:
@@ -123,11 +129,12 @@ class SPOConfig:
         for name in ("sample_batch_size", "train_batch_size", "gradient_accumulation_steps", "num_epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            bad(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        for name in ("spm_dtype", "vae_dtype"):
-            if getattr(self, name) not in ("float32", "float16", "bfloat16"):
-                bad(f"{name} must be 'float32', 'float16' or 'bfloat16', got {getattr(self, name)!r}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            bad(f"mixed_precision must be 'auto', 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.spm_dtype not in ("float32", "float16", "bfloat16"):
+            bad(f"spm_dtype must be 'float32', 'float16' or 'bfloat16', got {self.spm_dtype!r}")
+        if self.vae_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            bad(f"vae_dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {self.vae_dtype!r}")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -143,6 +150,14 @@ class SPOConfig:
         """Step indices where the rollout branches (SDXL official: 4, 8, 12, 16; SD1.5: 4 … 19)."""
         seg = self.num_inner_step + 1
         return list(range(self.divert_start_step, self.num_inference_steps - self.num_inner_step, seg))
+
+    def for_device(self, device_type: str, *, vae_fp16_safe: bool) -> SPOConfig:
+        """Resolve the 'auto' precisions for a device: CUDA → fp16 mixed precision (official) and, when the VAE
+        is fp16-safe, a float16 VAE; anything else → no mixed precision, float32 VAE."""
+        cuda = device_type == "cuda"
+        mp = self.mixed_precision if self.mixed_precision != "auto" else ("fp16" if cuda else "no")
+        vd = self.vae_dtype if self.vae_dtype != "auto" else ("float16" if cuda and vae_fp16_safe else "float32")
+        return self.replace(mixed_precision=mp, vae_dtype=vd)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pycore.errors import HwError
+
+#: What usually makes SPO values non-finite, and what fixes it (said in every NonFiniteError).
+NONFINITE_FIXES = {
+    "x0": "the UNet produced NaN/Inf; use --mixed-precision bf16 (or no), or a lower learning rate if it happened after training began",
+    "image": "the VAE decode overflowed; SDXL's stock VAE does in float16: use --vae madebyollin/sdxl-vae-fp16-fix or --vae-dtype float32",
+    "score": "the preference model overflowed; run it in float32 (--spm-dtype float32)",
+    "loss": "lower the learning rate, or use --mixed-precision bf16 (or no)",
+    "gradient": "lower the learning rate or --set max_grad_norm=1.0, or use --mixed-precision bf16 (or no)",
+}
+
+
+class NonFiniteError(HwError):
+    """NaN or Inf in an SPO value (x̂0, a decoded image, a score, a log-probability, the loss, the gradients)."""
+
+
+def check_finite(x: torch.Tensor, what: str, kind: str, where: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` and the likely fix for ``kind`` if ``x`` holds NaN or Inf."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise NonFiniteError(f"non-finite {what}{where} ({bad} of {x.numel()} values NaN/Inf): {NONFINITE_FIXES[kind]}")
+
 
 def spo_dpo_loss(
     logp_win: torch.Tensor,

@@ -21,6 +21,24 @@ from pycore.spo.config import SPOConfig
 RUN_FILES = ("checkpoints", "samples", "logs", "train_log.jsonl", "spo_config.json", "spo_lora_diffusers.safetensors",
              "spo_lora_kohya.safetensors")  # fmt: skip
 HALF = {"fp16": "float16", "bf16": "bfloat16"}
+#: The SDXL preset's VAE for decoding x̂0: the decoder the official run and the released SDXL SPM used; it stays
+#: finite in float16, where SDXL's own VAE overflows. ``--vae base`` keeps the base model's VAE.
+SDXL_FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+BASE_VAE = "base"
+
+
+def resolve_vae(vae: str | None, family: str) -> str | None:
+    """The VAE to load: the user's, the preset's default (SDXL: the fp16-fix VAE), or None for the base model's own."""
+    if vae == BASE_VAE:
+        return None
+    if vae is None and family == "sdxl":
+        return SDXL_FP16_FIX_VAE
+    return vae
+
+
+def vae_fp16_safe(vae: str | None, family: str) -> bool:
+    """Whether a VAE decodes in float16 without overflowing: SD1.5's, and SDXL's fp16-fix (by name)."""
+    return family == "sd15" or (vae is not None and "fp16-fix" in vae.lower())
 
 
 @dataclass
@@ -45,7 +63,20 @@ class TrainRequest:
     stop_after_epochs: int | None = None
     cpu: bool = False
     log_with: Sequence[str] = ("tensorboard",)
+    memory: str = "auto"
+    gpu_memory: float | None = None
+    explicit: frozenset[str] = frozenset()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from pycore.checks import check_float
+
+        if self.memory not in ("auto", "off"):
+            raise HwError(f"--memory must be auto or off, got {self.memory!r}")
+        if self.gpu_memory is not None:
+            check_float("--gpu-memory", self.gpu_memory, 0.0, 4096.0, lo_open=True)
+        if self.num_samples < 0 or self.sample_every < 1:
+            raise HwError("--num-samples must be ≥ 0 and --sample-every ≥ 1")
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
@@ -93,8 +124,9 @@ def make_accelerator(config: SPOConfig, out: Path, *, cpu: bool = False, log_wit
     # `accelerate launch --multi_gpu` on a CPU machine) when told cpu=True; otherwise each process trains alone.
     mps = getattr(torch.backends, "mps", None)
     cpu = cpu or not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+    mixed = config.for_device("cpu" if cpu or not torch.cuda.is_available() else "cuda", vae_fp16_safe=False).mixed_precision
     try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu, log_with=list(log_with) or None,
+        return Accelerator(mixed_precision=mixed, cpu=cpu, log_with=list(log_with) or None,
                            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))  # fmt: skip
     except (ValueError, RuntimeError) as e:
         raise HwError(f"cannot set up accelerate with mixed_precision={config.mixed_precision!r}: {str(e).splitlines()[0]}") from e
@@ -171,6 +203,12 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     else:
         preview_prompts = list(dict.fromkeys(prompts))[: req.num_samples]
     resuming = prepare_out(out, resume=req.resume, overwrite=req.overwrite)
+    vae = resolve_vae(req.vae, cfg.model_family)
+    device_type = _device_type(req.cpu)
+    cfg = cfg.for_device(device_type, vae_fp16_safe=vae_fp16_safe(vae, cfg.model_family))
+    memory_plan = _plan_memory(req, cfg, device_type, say)
+    if memory_plan is not None:
+        cfg = memory_plan.config
     acc = make_accelerator(cfg, out, cpu=req.cpu, log_with=req.log_with)
     device = acc.device
     if acc.is_main_process:
@@ -184,12 +222,19 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     spm = StepAwarePreferenceModel.from_pretrained(req.spm, base=req.spm_base, processor=req.spm_processor,
                                                    dtype=cfg.spm_dtype, device=device)  # fmt: skip
     spm.requires_grad_(False)
-    base = load_base(req.base, vae=req.vae, family=cfg.model_family, dtype=weight_dtype, vae_dtype=parse_dtype(cfg.vae_dtype),
-                     device=device, single_file_config=req.base_config)  # fmt: skip
+    try:
+        base = load_base(req.base, vae=vae, family=cfg.model_family, dtype=weight_dtype, vae_dtype=parse_dtype(cfg.vae_dtype),
+                         device=device, single_file_config=req.base_config)  # fmt: skip
+    except HwError as e:
+        if vae == SDXL_FP16_FIX_VAE and req.vae is None and SDXL_FP16_FIX_VAE in str(e):
+            raise HwError(f"{e} (the SDXL preset decodes with {SDXL_FP16_FIX_VAE}; pass --vae base to use the base model's VAE)") from e
+        raise
     for w in getattr(base, "warnings", []) or []:
         say(f"warning: {w}")
-    if cfg.vae_tiling:
+    if cfg.vae_tiling:  # 512² tiles (diffusers' default tile is the VAE's sample_size: 1024² for SDXL, i.e. no tiling at 1024²)
         base.vae.enable_tiling()
+        factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+        base.vae.tile_sample_min_size, base.vae.tile_latent_min_size = 512, 512 // factor
     decode_bs = 1 if cfg.vae_slicing else None
     latent_shape = base.latent_shape(cfg.resolution)
     encoder = PromptEncoder(base.tokenizer, base.text_encoder, base.tokenizer_2, base.text_encoder_2, resolution=cfg.resolution,
@@ -207,11 +252,42 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     try:
         result = run_spo(base.unet, encoder, prompts, lambda ps: spm_scorer(spm, base.vae, ps, decode_batch_size=decode_bs), cfg, out,
                          latent_shape, stop_after_epochs=req.stop_after_epochs, accelerator=acc, logger=logger, preview=preview,
-                         offload_text_encoders=cfg.cache_prompt_embeddings and device.type != "cpu", overwrite=False)  # fmt: skip
+                         offload_text_encoders=cfg.cache_prompt_embeddings and device.type != "cpu", overwrite=False,
+                         run_record={"memory_plan": memory_plan.to_dict()} if memory_plan is not None else None)  # fmt: skip
     finally:
         logger.close()
     if not acc.is_main_process:
         return {"rank": acc.process_index}
+    report = _report(result, cfg, out, resuming, prompts, prompt_set, acc.num_processes, preview is not None, t_start, vae)
+    report["memory_plan"] = memory_plan.to_dict() if memory_plan is not None else None
+    return report
+
+
+def _plan_memory(req: TrainRequest, cfg: SPOConfig, device_type: str, say: Callable[[str], None]) -> Any:
+    """On CUDA: the fastest option set that fits the card (explicit options win); None elsewhere."""
+    if device_type != "cuda":
+        return None
+    from pycore.spo.memory import plan_run
+
+    p = plan_run(cfg, req.gpu_memory, explicit=req.explicit, memory=req.memory)
+    if p is not None:
+        chosen = ", ".join(p.steps) or "no memory-saving options needed"
+        say(f"memory ({req.memory}): {chosen}; estimated peak {p.estimate.peak / 2**30:.1f} GiB of {p.card_gib:.1f} GiB ({p.card_source})")
+        if not p.fits:
+            say("warning: the estimated peak does not fit this card with the CUDA context and margin; expect an out-of-memory "
+                "error (--memory auto picks options that fit)")  # fmt: skip
+    return p
+
+
+def _device_type(cpu: bool) -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+
+
+def _report(result: Any, cfg: SPOConfig, out: Path, resuming: bool, prompts: Sequence[str], prompt_set: Any, processes: int,
+            previews: bool, t_start: float, vae: str | None) -> dict[str, Any]:  # fmt: skip
+    """The run's summary (the CLI's table and --json)."""
     hist = result.history
     per_epoch: dict[int, list[float]] = {}
     for h in hist:
@@ -221,12 +297,13 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     report = {
         "out": str(out), "finished": result.epochs_done >= cfg.num_epochs, "epochs_done": result.epochs_done,
         "num_epochs": cfg.num_epochs, "resumed_from_epoch": result.resumed_from if resuming else None,
-        "prompts": len(prompts), "prompts_skipped": len(prompt_set.skipped), "processes": acc.num_processes,
+        "prompts": len(prompts), "prompts_skipped": len(prompt_set.skipped), "processes": processes,
+        "mixed_precision": cfg.mixed_precision, "vae": vae or "base", "vae_dtype": cfg.vae_dtype, "spm_dtype": cfg.spm_dtype,
         "pairs_kept": sum(int(h["pairs"]) for h in hist),
         "acceptance": sum(h["acceptance"] for h in judged) / len(judged) if judged else None,
         "reward_final_by_epoch": {e + 1: sum(v) / len(v) for e, v in sorted(per_epoch.items())},
         "lora": [str(p) for p in result.lora_paths], "config": str(out / "spo_config.json") if result.lora_paths else None,
-        "samples": str(out / "samples") if preview is not None else None, "seconds": round(time.perf_counter() - t_start, 1),
+        "samples": str(out / "samples") if previews else None, "seconds": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
     losses = [h["loss"] for h in hist if h.get("loss") is not None and math.isfinite(h["loss"])]
     report["mean_loss"] = sum(losses) / len(losses) if losses else None

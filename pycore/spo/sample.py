@@ -49,6 +49,25 @@ class SampleRequest:
     device: str = "auto"
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        from pycore.checks import check_float, check_int, parse_device
+        from pycore.limits import MAX_RESOLUTION
+
+        check_int("--steps", self.steps, 1, 1000)
+        check_float("--guidance", self.guidance, 1.0, 100.0)
+        check_float("--eta", self.eta, 0.0, 1.0)
+        check_int("--images-per-prompt", self.images_per_prompt, 1, 10_000)
+        check_int("--batch-size", self.batch_size, 1, 1024)
+        if self.limit is not None:
+            check_int("--limit", self.limit, 1, None)
+        if self.resolution is not None:
+            check_int("--resolution", self.resolution, 8, MAX_RESOLUTION)
+            if self.resolution % 8:
+                raise HwError(f"--resolution must be a multiple of 8 (the VAE works on 8×8 pixel cells), got {self.resolution}")
+        self.device = parse_device(self.device)
+        if self.compare and self.lora is None:
+            raise HwError("--compare needs --lora (it renders each prompt without and with the LoRA)")
+
 
 def ddim_scheduler(schedule: Any = None) -> Any:
     """diffusers' DDIMScheduler with SPO's sampler: leading spacing, steps_offset 1, no x̂0 clipping, ε-prediction."""
@@ -142,22 +161,12 @@ def _grid(rows: list[tuple[Any, Any]]) -> Any:
 
 
 def sample(req: SampleRequest, say: Callable[[str], None] = print, on_image: Callable[[int], None] | None = None) -> dict[str, Any]:
-    import torch
-
+    """Render (and score) every prompt × seed for each variant; writes images, images.jsonl, summary.json (and grid.png)."""
     from pycore.diffusion.load import load_base
     from pycore.spo.prompts import load_prompts
 
     t0 = time.perf_counter()
-    if req.compare and req.lora is None:
-        raise HwError("--compare needs --lora (it renders each prompt without and with the LoRA)")
-    if req.lora is not None:
-        from pycore.lora.io import read_header
-
-        if not Path(req.lora).is_file():
-            raise HwError(f"LoRA {req.lora} not found")
-        read_header(req.lora)  # a file that is not safetensors fails here, before any model loads
-    if req.steps < 1 or req.guidance < 1 or not 0 <= req.eta <= 1 or req.images_per_prompt < 1:
-        raise HwError("need --steps ≥ 1, --guidance ≥ 1, 0 ≤ --eta ≤ 1 and --images-per-prompt ≥ 1")
+    _check_lora(req.lora)
     ps = load_prompts(req.prompts, req.prompt_column)
     prompts = ps.prompts[: req.limit] if req.limit else ps.prompts
     out = Path(req.out)
@@ -177,7 +186,7 @@ def sample(req: SampleRequest, say: Callable[[str], None] = print, on_image: Cal
     for w in getattr(base, "warnings", []) or []:
         say(f"warning: {w}")
     res = req.resolution or (1024 if base.family == "sdxl" else 512)
-    base.latent_shape(res)  # validates the resolution
+    base.latent_shape(res)  # validates the resolution against the VAE
     pipe = build_pipeline(base)
     if req.lora is not None:
         load_lora_into(pipe, req.lora, req.lora_scale)
@@ -187,45 +196,66 @@ def sample(req: SampleRequest, say: Callable[[str], None] = print, on_image: Cal
     rows: list[dict[str, Any]] = []
     images: dict[str, list[Any]] = {v: [] for v in variants}
     for v in variants:
-        (out / v).mkdir(exist_ok=True)
         if req.lora is not None:
             pipe.enable_lora() if v == "lora" else pipe.disable_lora()
-        for k in range(0, len(jobs), req.batch_size):
-            chunk = jobs[k : k + req.batch_size]
-            gens = [torch.Generator("cpu").manual_seed(s) for _, _, s in chunk]
-            with torch.no_grad():
-                ims = pipe(prompt=[p for _, p, _ in chunk], num_inference_steps=req.steps, guidance_scale=req.guidance, eta=req.eta,
-                           generator=gens, height=res, width=res, output_type="pil").images  # fmt: skip
-            scores: list[float | None] = [None] * len(ims)
-            if spm is not None:
-                with torch.no_grad():
-                    scores = [float(s) for s in spm.score(ims, [p for _, p, _ in chunk], 0)]
-            for (i, p, s), im, sc in zip(chunk, ims, scores, strict=True):
-                name = f"{v}/{i:05d}_{s}.png"
-                with atomic_path(out / name) as tmp:
-                    im.save(tmp, format="PNG")
-                rows.append({"variant": v, "file": name, "prompt_index": i, "prompt": p, "seed": s, "score": sc})
-                if len(images[v]) < 8:
-                    images[v].append(im)
-            if on_image is not None:
-                on_image(len(chunk))
+        _render(pipe, spm, req, v, jobs, res, out, rows, images[v], on_image)
     write_text_atomic(out / "images.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if req.compare:
         grid = _grid(list(zip(images["base"], images["lora"], strict=True)))
         with atomic_path(out / "grid.png") as tmp:
             grid.save(tmp, format="PNG")
-    summary: dict[str, Any] = {"out": str(out), "images": len(rows), "prompts": len(prompts), "variants": variants, "steps": req.steps,
+    summary = _summary(req, rows, variants, len(prompts), res, out, time.perf_counter() - t0, scored=spm is not None)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_lora(lora: str | None) -> None:
+    if lora is not None:
+        from pycore.lora.io import read_header
+
+        if not Path(lora).is_file():
+            raise HwError(f"LoRA {lora} not found")
+        read_header(lora)  # a file that is not safetensors fails here, before any model loads
+
+
+def _render(pipe: Any, spm: Any, req: SampleRequest, variant: str, jobs: list[tuple[int, str, int]], res: int, out: Path,
+            rows: list[dict[str, Any]], keep: list[Any], on_image: Callable[[int], None] | None) -> None:  # fmt: skip
+    """One variant's images, in batches of req.batch_size; rows appended; the first 8 images kept for the grid."""
+    import torch
+
+    (out / variant).mkdir(exist_ok=True)
+    for k in range(0, len(jobs), req.batch_size):
+        chunk = jobs[k : k + req.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(s) for _, _, s in chunk]
+        with torch.no_grad():
+            ims = pipe(prompt=[p for _, p, _ in chunk], num_inference_steps=req.steps, guidance_scale=req.guidance, eta=req.eta,
+                       generator=gens, height=res, width=res, output_type="pil").images  # fmt: skip
+        scores: list[float | None] = [None] * len(ims)
+        if spm is not None:
+            with torch.no_grad():
+                scores = [float(s) for s in spm.score(ims, [p for _, p, _ in chunk], 0)]
+        for (i, p, s), im, sc in zip(chunk, ims, scores, strict=True):
+            name = f"{variant}/{i:05d}_{s}.png"
+            with atomic_path(out / name) as tmp:
+                im.save(tmp, format="PNG")
+            rows.append({"variant": variant, "file": name, "prompt_index": i, "prompt": p, "seed": s, "score": sc})
+            if len(keep) < 8:
+                keep.append(im)
+        if on_image is not None:
+            on_image(len(chunk))
+
+
+def _summary(req: SampleRequest, rows: list[dict[str, Any]], variants: list[str], n_prompts: int, res: int, out: Path, seconds: float,
+             *, scored: bool) -> dict[str, Any]:  # fmt: skip
+    summary: dict[str, Any] = {"out": str(out), "images": len(rows), "prompts": n_prompts, "variants": variants, "steps": req.steps,
                                "guidance": req.guidance, "eta": req.eta, "resolution": res, "lora": req.lora,
-                               "lora_scale": req.lora_scale, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    if spm is not None:
+                               "lora_scale": req.lora_scale, "seconds": round(seconds, 1)}  # fmt: skip
+    if scored:
         for v in variants:
-            vals = [r["score"] for r in rows if r["variant"] == v]
-            summary[f"score_{v}"] = _mean_se(vals)
+            summary[f"score_{v}"] = _mean_se([r["score"] for r in rows if r["variant"] == v])
         if req.compare:
             b = {(r["prompt_index"], r["seed"]): r["score"] for r in rows if r["variant"] == "base"}
-            diffs = [r["score"] - b[(r["prompt_index"], r["seed"])] for r in rows if r["variant"] == "lora"]
-            summary["score_gain"] = _mean_se(diffs)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            summary["score_gain"] = _mean_se([r["score"] - b[(r["prompt_index"], r["seed"])] for r in rows if r["variant"] == "lora"])
     return summary
 
 

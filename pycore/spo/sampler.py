@@ -19,7 +19,9 @@ Everything runs under ``torch.no_grad`` and draws all randomness from one ``torc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch
 from pycore.diffusion.text import Conditioning, cfg_eps
 from pycore.spo.config import SPOConfig
 from pycore.diffusion.schedule import NoiseSchedule, ddim_step, leading_timesteps, sample_prev
-from pycore.spo.losses import pick_continuation, select_pairs
+from pycore.spo.losses import check_finite, pick_continuation, select_pairs
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """scorer(x0_latents [M, C, H, W], prompt_idx [M], timesteps [M]) → scores [M] (higher is better)."""
@@ -96,6 +98,11 @@ class Rollout:
     stats: RolloutStats
 
 
+def _outside_autocast(device: Any) -> Any:
+    """A context that turns autocast off on ``device``'s type (scorers and decoders run in their own dtypes)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 @torch.no_grad()
 def spo_rollout(
     unet: Any,
@@ -106,8 +113,14 @@ def spo_rollout(
     generator: torch.Generator,
     *,
     schedule: NoiseSchedule | None = None,
+    unet_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> Rollout:
-    """One SPO rollout for the ``len(cond)`` prompts of ``cond``; see the module docstring."""
+    """One SPO rollout for the ``len(cond)`` prompts of ``cond``; see the module docstring.
+
+    ``unet_context`` (e.g. accelerate's ``autocast``) is entered around each UNet call only; the
+    scorer is called outside it, so the VAE and the preference model compute in their own dtypes.
+    x̂0 and the scores are checked finite (:class:`NonFiniteError` names the likely fix).
+    """
     sched = schedule or NoiseSchedule()
     ac = sched.alphas_cumprod()
     steps = config.num_inference_steps
@@ -116,12 +129,12 @@ def spo_rollout(
     k, inner = config.num_candidates, config.num_inner_step
     device = cond.embeds.device
     b = len(cond)
-    prompt_idx = torch.arange(b, device=device)
-    cand_idx = prompt_idx.repeat_interleave(k)
-    cond_k = cond.select(cand_idx)
+    cond_k = cond.select(torch.arange(b, device=device).repeat_interleave(k))
+    ctx = unet_context or contextlib.nullcontext
 
     def eps_of(x: torch.Tensor, t: int, c: Conditioning) -> torch.Tensor:
-        return cfg_eps(unet, x, t, c, config.guidance_scale)
+        with ctx():
+            return cfg_eps(unet, x, t, c, config.guidance_scale).float()
 
     def step(x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
         return sample_prev(ddim_step(eps, x, t, ac, ratio, config.eta), generator)
@@ -130,25 +143,22 @@ def spo_rollout(
     eps_cached: torch.Tensor | None = None
     for i in range(config.divert_start_step):
         x = step(x, ts[i], eps_of(x, ts[i], cond))
-
-    parts: list[Transitions] = []
-    stats = RolloutStats()
+    judge = _Judge(scorer, config, b, device, generator)
     branches = config.branch_steps()
     i = config.divert_start_step
     while i < steps:
+        if eps_cached is None:  # the first branch (and a tail step): one UNet call on the shared x_t, not on k copies
+            eps_cached = eps_of(x, ts[i], cond)
         if i not in branches:  # tail after the last full segment: plain steps
-            eps = eps_cached if eps_cached is not None else eps_of(x, ts[i], cond)
-            x, eps_cached = step(x, ts[i], eps), None
+            x, eps_cached = step(x, ts[i], eps_cached), None
             i += 1
             continue
-        xk = x.repeat_interleave(k, dim=0)
-        eps_k = eps_cached.repeat_interleave(k, dim=0) if eps_cached is not None else eps_of(xk, ts[i], cond_k)
+        xk, eps_k = x.repeat_interleave(k, dim=0), eps_cached.repeat_interleave(k, dim=0)
         seg_x: list[torch.Tensor] = [xk]
         for j in range(inner + 1):
-            s = i + j
             if j > 0:
-                eps_k = eps_of(xk, ts[s], cond_k)
-            xk = step(xk, ts[s], eps_k)
+                eps_k = eps_of(xk, ts[i + j], cond_k)
+            xk = step(xk, ts[i + j], eps_k)
             seg_x.append(xk)
         nxt = i + inner + 1
         if nxt < steps:  # judge x̂0 at the candidates' own timestep
@@ -157,8 +167,34 @@ def spo_rollout(
             t_judge = ts[nxt]
         else:  # final latents are clean images: t = 0
             eps_next, x0, t_judge = None, xk, 0
-        scores = scorer(x0, cand_idx, torch.full((b * k,), t_judge, device=device, dtype=torch.long)).float().to(device).view(b, k)
-        sel = select_pairs(scores, config.threshold)
+        rows = judge(x0, t_judge, seg_x, ts[i : i + inner + 1])
+        x = xk[rows]
+        eps_cached = eps_next[rows] if eps_next is not None else None
+        i = nxt
+    trans = Transitions.cat(judge.parts) if judge.parts else Transitions.empty(latent_shape, device)
+    return Rollout(transitions=trans, final_latents=x, stats=judge.stats)
+
+
+class _Judge:
+    """Scores one segment's candidates, stores the kept pairs' transitions, picks the continuation."""
+
+    def __init__(self, scorer: Scorer, config: SPOConfig, b: int, device: Any, generator: torch.Generator):
+        self.scorer, self.config, self.b, self.device, self.generator = scorer, config, b, device, generator
+        self.k = config.num_candidates
+        self.prompt_idx = torch.arange(b, device=device)
+        self.cand_idx = self.prompt_idx.repeat_interleave(self.k)
+        self.parts: list[Transitions] = []
+        self.stats = RolloutStats()
+
+    def __call__(self, x0: torch.Tensor, t_judge: int, seg_x: list[torch.Tensor], seg_t: Sequence[int]) -> torch.Tensor:
+        b, k, device, stats = self.b, self.k, self.device, self.stats
+        where = f" at t = {t_judge}"
+        check_finite(x0, "x̂0 of the candidates", "x0", where)
+        t = torch.full((b * k,), t_judge, device=device, dtype=torch.long)
+        with _outside_autocast(device):
+            scores = self.scorer(x0, self.cand_idx, t).float().to(device).view(b, k)
+        check_finite(scores, "preference score", "score", where)
+        sel = select_pairs(scores, self.config.threshold)
         stats.judged += b
         stats.kept += int(sel.keep.sum())
         stats.all_scores += scores.flatten().tolist()
@@ -166,36 +202,41 @@ def spo_rollout(
         stats.lose_scores += sel.lose_score[sel.keep].tolist()
         kept = sel.keep.nonzero()[:, 0]
         if kept.numel():
-            w_rows = kept * k + sel.win[kept]
-            l_rows = kept * k + sel.lose[kept]
-            for j in range(inner + 1):
-                parts.append(Transitions(
+            w_rows, l_rows = kept * k + sel.win[kept], kept * k + sel.lose[kept]
+            for j, tj in enumerate(seg_t):
+                self.parts.append(Transitions(
                     x_t_win=seg_x[j][w_rows], x_next_win=seg_x[j + 1][w_rows],
                     x_t_lose=seg_x[j][l_rows], x_next_lose=seg_x[j + 1][l_rows],
-                    t=torch.full((kept.numel(),), ts[i + j], device=device, dtype=torch.long), prompt_idx=kept.clone(),
+                    t=torch.full((kept.numel(),), tj, device=device, dtype=torch.long), prompt_idx=kept.clone(),
                 ))  # fmt: skip
-        choice = pick_continuation(b, k, generator=generator, device=generator.device)
-        rows = prompt_idx * k + choice.to(device)
-        kept_now = scores[prompt_idx, choice.to(device)].tolist()
+        choice = pick_continuation(b, k, generator=self.generator, device=self.generator.device).to(device)
+        kept_now = scores[self.prompt_idx, choice].tolist()
         stats.kept_scores += kept_now
         if t_judge == 0:
             stats.final_scores += kept_now
-        x = xk[rows]
-        eps_cached = eps_next[rows] if eps_next is not None else None
-        i = nxt
-    trans = Transitions.cat(parts) if parts else Transitions.empty(latent_shape, device)
-    return Rollout(transitions=trans, final_latents=x, stats=stats)
+        return self.prompt_idx * k + choice
 
 
 def spm_scorer(spm: Any, vae: Any, prompts: Sequence[str], *, decode_batch_size: int | None = None) -> Scorer:
-    """A :data:`Scorer` from a StepAwarePreferenceModel: decode x̂0 with ``vae``, score at t."""
-    with torch.no_grad():
+    """A :data:`Scorer` from a StepAwarePreferenceModel: decode x̂0 with ``vae``, score at t.
+
+    Both run outside any autocast, in their own dtypes (as the official code: SPM fp32, VAE fp16
+    with the fp16-fix decoder); the decoded images and the scores are checked finite.
+    """
+    from pycore.diffusion.vae import decode_latents
+
+    with torch.no_grad(), _outside_autocast(spm.device):
         text = spm.text_embeds(list(prompts))
 
+    @torch.no_grad()
     def score(x0: torch.Tensor, prompt_idx: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         idx = prompt_idx.to(text.device)
-        return spm.score_latents(x0, vae, [prompts[int(i)] for i in prompt_idx], timesteps,
-                                 text_embeds=text[idx], decode_batch_size=decode_batch_size)  # fmt: skip
+        with _outside_autocast(x0.device), _outside_autocast(spm.device):
+            images = decode_latents(vae, x0, batch_size=decode_batch_size)
+            check_finite(images, "decoded image", "image", f" at t = {int(timesteps[0])}" if len(timesteps) else "")
+            s = spm.score(images, [prompts[int(i)] for i in prompt_idx], timesteps, text_embeds=text[idx])
+        check_finite(s, "preference score", "score")
+        return s
 
     return score
 

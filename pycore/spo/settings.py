@@ -33,6 +33,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise SPOConfigError(f"config file {p} must hold an object of option names and values")
     if isinstance(data.get("spo"), dict) and len(data) == 1:  # allow a [spo] table in TOML
         data = data["spo"]
+    data.pop("memory_plan", None)  # a run's spo_config.json records its memory plan next to the options
     return data
 
 
@@ -112,6 +113,15 @@ def resolve_config(
         raise SPOConfigError(f"the base model is {family} but the configuration is for {cfg.model_family} (preset {name!r}); "
                              f"use --preset {family}")  # fmt: skip
     return cfg, name
+
+
+def explicit_fields(*, config_file: str | Path | None = None, options: Mapping[str, Any] | None = None,
+                    sets: Sequence[str] = ()) -> frozenset[str]:
+    """The option names the user set (config file, options, --set): `--memory auto` never changes these."""
+    names = set(load_config_file(config_file)) - {"preset"} if config_file is not None else set()
+    names |= {k for k, v in (options or {}).items() if v is not None}
+    names |= set(parse_sets(sets))
+    return frozenset(names)
 
 
 def options_table() -> list[tuple[str, str, str]]:

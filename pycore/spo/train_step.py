@@ -23,12 +23,8 @@ from pycore.errors import HwError
 from pycore.diffusion.text import Conditioning, cfg_eps
 from pycore.spo.config import SPOConfig
 from pycore.diffusion.schedule import NoiseSchedule, ddim_step, log_prob
-from pycore.spo.losses import spo_dpo_loss
+from pycore.spo.losses import NONFINITE_FIXES, NonFiniteError, spo_dpo_loss
 from pycore.spo.sampler import Transitions
-
-
-class NonFiniteError(HwError):
-    """NaN or Inf in the SPO loss or log-probabilities."""
 
 
 def _unwrap(model: Any) -> Any:
@@ -100,11 +96,11 @@ def spo_loss(unet: Any, batch: Transitions, cond: Conditioning, config: SPOConfi
         ref = transition_logprob(unet, x_t, x_next, t, c2, config, ac)
     pol = transition_logprob(unet, x_t, x_next, t, c2, config, ac)
     if not (torch.isfinite(pol).all() and torch.isfinite(ref).all()):
-        raise NonFiniteError("non-finite log-probability in the SPO step (lower the learning rate or use bf16/fp32)")
+        raise NonFiniteError(f"non-finite log-probability in the SPO step: {NONFINITE_FIXES['loss']}")
     n = len(batch)
     loss, stats = spo_dpo_loss(pol[:n], ref[:n], pol[n:], ref[n:], beta=config.beta, clip=config.clip_range)
     if not torch.isfinite(loss):
-        raise NonFiniteError("non-finite SPO loss")
+        raise NonFiniteError(f"non-finite SPO loss: {NONFINITE_FIXES['loss']}")
     return loss, stats
 
 
@@ -134,7 +130,7 @@ def train_step(unet: Any, optimizer: torch.optim.Optimizer, params: list[torch.n
     norm = clip_gradients(params, config.max_grad_norm, accelerator)
     if not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError("non-finite gradient norm in the SPO step")
+        raise NonFiniteError(f"non-finite gradient norm in the SPO step: {NONFINITE_FIXES['gradient']}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss=float(loss.detach()), implicit_acc=float(st["implicit_acc"].mean()),

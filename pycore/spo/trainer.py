@@ -21,13 +21,14 @@ from typing import Any, Protocol
 
 import torch
 
-from pycore.errors import HwError
+from pycore.errors import HwError, NothingDone
 from pycore.io import atomic_path, write_text_atomic
 from pycore.diffusion.text import PromptEncoder
 from pycore.io import latest_checkpoint as find_latest_checkpoint
 from pycore.spo.config import SPOConfig
 from pycore.spo.sampler import Scorer, Transitions, sample_latents, spo_rollout
-from pycore.spo.train_step import NonFiniteError, add_spo_lora, clip_gradients, make_optimizer, spo_loss
+from pycore.spo.losses import NONFINITE_FIXES, NonFiniteError
+from pycore.spo.train_step import add_spo_lora, clip_gradients, make_optimizer, spo_loss
 
 CKPT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
@@ -103,14 +104,18 @@ class Preview:
         return epoch == 0 or epoch == num_epochs or epoch % self.every == 0
 
     @torch.no_grad()
-    def render(self, unet: Any, encoder: PromptEncoder, config: SPOConfig, latent_shape: Sequence[int], device: Any) -> list[Any]:
+    def render(self, unet: Any, encoder: PromptEncoder, config: SPOConfig, latent_shape: Sequence[int], device: Any, *,
+               unet_context: Callable[[], Any] = contextlib.nullcontext) -> list[Any]:  # fmt: skip
+        """The preview images; ``unet_context`` (autocast) around the sampling only, the decode outside it."""
         from PIL import Image
 
         images = []
         for prompt, seed in zip(self.prompts, self.seeds, strict=True):
             noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
-            lat = sample_latents(unet, encoder([prompt], device=device), config, latent_shape, eta=self.eta, noise=noise)
-            img = self.decode(lat)[0].float().clamp(-1, 1)
+            with unet_context():
+                lat = sample_latents(unet, encoder([prompt], device=device), config, latent_shape, eta=self.eta, noise=noise)
+            with torch.autocast(device_type=lat.device.type, enabled=False):
+                img = self.decode(lat)[0].float().clamp(-1, 1)
             arr = ((img + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             images.append(Image.fromarray(arr[..., :3] if arr.shape[-1] >= 3 else arr[..., 0]))
         return images
@@ -148,122 +153,262 @@ def run_spo(
     preview: Preview | None = None,
     offload_text_encoders: bool = False,
     overwrite: bool = False,
+    run_record: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train the SPO LoRA on ``prompts``; resume from ``out_dir``'s last checkpoint if there is one.
 
     ``scorer_for(batch_prompts)`` returns the step-aware scorer for one prompt batch.
     ``stop_after_epochs`` ends the run early (after its checkpoint) — for tests and time limits.
     ``offload_text_encoders``: after every prompt is encoded once (cache on), move the text
-    encoders to the CPU to free accelerator memory.
+    encoders to the CPU to free accelerator memory. ``run_record`` is written into spo_config.json
+    next to the options (e.g. the memory plan). Raises :class:`NothingDone` (and writes no
+    LoRA) when the whole run kept no pair to train on.
     """
     if not prompts:
         raise HwError("no prompts to train on")
-    out = Path(out_dir)
-    world, rank, main = 1, 0, True
-    if accelerator is not None:
-        world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    torch.manual_seed(config.seed)  # the LoRA's random init (DDP also broadcasts rank 0's weights)
-    params = add_spo_lora(unet, config)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    opt = make_optimizer(params, config)
-    start, history = 0, []
-    ckpt = latest_checkpoint(out)
-    saved: dict[str, Any] | None = None
-    if ckpt is not None:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        _check_resumable(saved["config"], config, ckpt)
-        named = dict(unet.named_parameters())
-        with torch.no_grad():
-            for n, t in saved["lora"].items():
-                named[n].copy_(t)
-        opt.load_state_dict(saved["optimizer"])
-        start, history = int(saved["epoch"]), list(saved["history"])
-        if logger is not None:
-            logger.info(f"resuming from {ckpt} (epoch {start} of {config.num_epochs})")
-            if int(saved.get("world", world)) != world:
-                logger.info(f"the checkpoint was written by {saved.get('world')} processes, now {world}: "
-                            "the run continues correctly but will not match an uninterrupted run exactly")  # fmt: skip
-    model = unet
-    if accelerator is not None:
-        model, opt = accelerator.prepare(unet, opt)
-        if saved is not None and saved.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-    scaler = accelerator.scaler if accelerator is not None else None
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
-    device = next(unet.parameters()).device
+    loop = _Loop.start(unet, encoder, prompts, config, Path(out_dir), latent_shape, accelerator, logger, preview)
     if encoder.use_cache:  # encode in a fixed grouping, so a resumed run sees bit-identical embeddings
         for i in range(0, len(prompts), config.sample_batch_size):
             encoder(list(prompts[i : i + config.sample_batch_size]))
-        if preview is not None:
-            for p in preview.prompts:
-                encoder([p])
+        for p in preview.prompts if preview is not None else []:
+            encoder([p])
         if offload_text_encoders:
             encoder.offload("cpu")
-    n_batches = math.ceil(len(prompts) / (config.sample_batch_size * world))
-    if main and preview is not None and start == 0 and not (out / SAMPLES_DIR / "epoch_0000").exists():
-        with autocast():
-            _write_preview(preview, unet, encoder, config, latent_shape, device, out, 0, logger)
-
-    for epoch in range(start, config.num_epochs):
+    if loop.main and preview is not None and loop.start_epoch == 0 and not (loop.out / SAMPLES_DIR / "epoch_0000").exists():
+        loop.write_preview(0)
+    for epoch in range(loop.start_epoch, config.num_epochs):
         if stop_after_epochs is not None and epoch >= stop_after_epochs:
-            return RunResult(epochs_done=epoch, history=history, resumed_from=start)
-        t_epoch = time.perf_counter()
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(_seed(config, epoch, 0)))
-        for b, all_rows in enumerate(order.split(config.sample_batch_size * world)):
-            t0 = time.perf_counter()
-            rows = all_rows[rank::world]
-            if len(rows) == 0:  # fewer prompts than processes in the last batch: reuse the first
-                rows = all_rows[:1]
-            batch_prompts = [prompts[int(i)] for i in rows]
-            g = torch.Generator(device=device).manual_seed(_seed(config, epoch, b + 1) + 7919 * rank)
-            cond = encoder(batch_prompts, device=device)
-            timed = _TimedScorer(scorer_for(batch_prompts))
-            with autocast():
-                roll = spo_rollout(unet, cond, timed, config, latent_shape, g)
-            t_roll = time.perf_counter() - t0
-            st = roll.stats
-            rec: dict[str, Any] = {
-                "epoch": epoch, "batch": b, "pairs": len(roll.transitions), "acceptance": st.acceptance_rate,
-                "reward_final": _mean(st.final_scores), "reward_kept": _mean(st.kept_scores), "reward_all": _mean(st.all_scores),
-                "reward_win": _mean(st.win_scores), "reward_lose": _mean(st.lose_scores),
-            }  # fmt: skip
-            tr = roll.transitions
-            tr.prompt_idx = rows.to(tr.prompt_idx.device)[tr.prompt_idx]  # global prompt ids
-            if accelerator is not None:
-                tr = gather_and_split(tr, accelerator, _seed(config, epoch, b + 1))
-            t1 = time.perf_counter()
-            rec["trained"] = len(tr)
-            if len(tr):
-                rec.update(_train_on(tr, model, unet, opt, params, encoder, prompts, config, epoch, b, device, out,
-                                     accelerator, scaler, main, history, world))  # fmt: skip
-            history.append(rec)
-            if logger is not None:
-                step = epoch * n_batches + b
-                timing = {"time/step": time.perf_counter() - t0, "time/sampling": t_roll - timed.seconds,
-                          "time/decode_score": timed.seconds, "time/training": time.perf_counter() - t1}  # fmt: skip
-                logger.scalars({**_scalars(rec), **timing}, step)
-        if main and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.num_epochs):
-            _save_checkpoint(out / CKPT_DIR / f"epoch_{epoch + 1:04d}.pt", unet, opt, epoch + 1, config, history, world, scaler)
-        if main and preview is not None and preview.due(epoch + 1, config.num_epochs):
-            with autocast():
-                _write_preview(preview, unet, encoder, config, latent_shape, device, out, epoch + 1, logger)
-        if logger is not None and main:
-            logger.epoch(_epoch_summary(history, epoch, time.perf_counter() - t_epoch))
+            return RunResult(epochs_done=epoch, history=loop.history, resumed_from=loop.start_epoch)
+        loop.epoch(epoch, scorer_for)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    if not main:
-        return RunResult(epochs_done=config.num_epochs, history=history, resumed_from=start)
-    from pycore.lora.convert import save_lora
+    if not loop.main:
+        return RunResult(epochs_done=config.num_epochs, history=loop.history, resumed_from=loop.start_epoch)
+    if not any(h.get("trained") for h in loop.history):
+        raise NothingDone(_nothing_trained(loop.history, config))
+    return loop.finish(save_formats, overwrite, run_record or {})
 
-    meta = {"hw_spo_config": json.dumps(config.to_dict())}
-    paths = []
-    for fmt in save_formats:
-        p = out / f"spo_lora_{fmt}.safetensors"
-        save_lora(unet, p, fmt, metadata=meta, overwrite=overwrite)
-        paths.append(p)
-    write_text_atomic(out / "spo_config.json", json.dumps(config.to_dict(), indent=2) + "\n", overwrite=True)
-    return RunResult(epochs_done=config.num_epochs, history=history, lora_paths=paths, resumed_from=start)
+
+def _nothing_trained(history: list[dict[str, Any]], config: SPOConfig) -> str:
+    gaps = [h["best_gap"] for h in history if h.get("best_gap") is not None]
+    best = f"; the largest softmax gap seen was {max(gaps):.3f}" if gaps else ""
+    return (f"no pair passed the threshold {config.threshold} in {len({h['epoch'] for h in history})} epoch(s), so nothing was "
+            f"trained and no LoRA was written{best}: lower it (--set threshold=…), raise num_candidates, or check that --spm "
+            "tells the candidates apart")  # fmt: skip
+
+
+@dataclass
+class _Loop:
+    """The state of one run: models, optimizer, process layout, history; one method per stage."""
+
+    unet: Any
+    model: Any
+    opt: Any
+    params: list[torch.nn.Parameter]
+    encoder: PromptEncoder
+    prompts: Sequence[str]
+    config: SPOConfig
+    out: Path
+    latent_shape: Sequence[int]
+    accelerator: Any
+    logger: TrainLogger | None
+    preview: Preview | None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    world: int = 1
+    rank: int = 0
+    main: bool = True
+    micro: int = 0  # micro-steps accumulated since the last optimizer step (carried across rollout batches)
+    norms: list[float] = field(default_factory=list)  # gradient norms of this batch's optimizer steps
+    skipped: int = 0  # optimizer steps of this batch the fp16 loss scaler skipped (non-finite gradients)
+
+    @classmethod
+    def start(cls, unet: Any, encoder: PromptEncoder, prompts: Sequence[str], config: SPOConfig, out: Path, latent_shape: Sequence[int],
+              accelerator: Any, logger: TrainLogger | None, preview: Preview | None) -> _Loop:  # fmt: skip
+        torch.manual_seed(config.seed)  # the LoRA's random init (DDP also broadcasts rank 0's weights)
+        params = add_spo_lora(unet, config)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        loop = cls(unet, unet, make_optimizer(params, config), params, encoder, prompts, config, out, latent_shape, accelerator,
+                   logger, preview)  # fmt: skip
+        if accelerator is not None:
+            loop.world, loop.rank, loop.main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+        saved = loop._resume()
+        if accelerator is not None:
+            loop.model, loop.opt = accelerator.prepare(unet, loop.opt)
+            if saved is not None and saved.get("scaler") is not None and accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(saved["scaler"])
+        return loop
+
+    def _resume(self) -> dict[str, Any] | None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return None
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        _check_resumable(saved["config"], self.config, ckpt)
+        named = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for n, t in saved["lora"].items():
+                named[n].copy_(t)
+        self.opt.load_state_dict(saved["optimizer"])
+        self.start_epoch, self.history = int(saved["epoch"]), list(saved["history"])
+        if self.logger is not None:
+            self.logger.info(f"resuming from {ckpt} (epoch {self.start_epoch} of {self.config.num_epochs})")
+            if int(saved.get("world", self.world)) != self.world:
+                self.logger.info(f"the checkpoint was written by {saved.get('world')} processes, now {self.world}: "
+                                 "the run continues correctly but will not match an uninterrupted run exactly")  # fmt: skip
+        return saved
+
+    @property
+    def scaler(self) -> Any:
+        return self.accelerator.scaler if self.accelerator is not None else None
+
+    @property
+    def autocast(self) -> Callable[[], Any]:
+        return self.accelerator.autocast if self.accelerator is not None else contextlib.nullcontext
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def epoch(self, epoch: int, scorer_for: Callable[[Sequence[str]], Scorer]) -> None:
+        config, t_epoch = self.config, time.perf_counter()
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(_seed(config, epoch, 0)))
+        n_batches = math.ceil(len(self.prompts) / (config.sample_batch_size * self.world))
+        for b, all_rows in enumerate(order.split(config.sample_batch_size * self.world)):
+            self.batch(epoch, b, all_rows, scorer_for, epoch * n_batches + b)
+        if self.micro:  # the epoch's last accumulated micro-steps: step now, so every checkpoint holds no pending gradients
+            if self.world > 1:  # they were accumulated under no_sync: average them over the processes as DDP would
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            self.optimizer_step(epoch, n_batches - 1)
+        if self.main and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.num_epochs):
+            _save_checkpoint(self.out / CKPT_DIR / f"epoch_{epoch + 1:04d}.pt", self.unet, self.opt, epoch + 1, config, self.history,
+                             self.world, self.scaler)  # fmt: skip
+        if self.main and self.preview is not None and self.preview.due(epoch + 1, config.num_epochs):
+            self.write_preview(epoch + 1)
+        if self.logger is not None and self.main:
+            self.logger.epoch(_epoch_summary(self.history, epoch, time.perf_counter() - t_epoch))
+
+    def batch(self, epoch: int, b: int, all_rows: torch.Tensor, scorer_for: Callable[[Sequence[str]], Scorer], step: int) -> None:
+        config, device, t0 = self.config, self.device, time.perf_counter()
+        rows = all_rows[self.rank :: self.world]
+        if len(rows) == 0:  # fewer prompts than processes in the last batch: reuse the first
+            rows = all_rows[:1]
+        batch_prompts = [self.prompts[int(i)] for i in rows]
+        g = torch.Generator(device=device).manual_seed(_seed(config, epoch, b + 1) + 7919 * self.rank)
+        cond = self.encoder(batch_prompts, device=device)
+        timed = _TimedScorer(scorer_for(batch_prompts))
+        roll = spo_rollout(self.unet, cond, timed, config, self.latent_shape, g, unet_context=self.autocast)
+        t_roll = time.perf_counter() - t0
+        st = roll.stats
+        rec: dict[str, Any] = {
+            "epoch": epoch, "batch": b, "pairs": len(roll.transitions), "acceptance": st.acceptance_rate,
+            "reward_final": _mean(st.final_scores), "reward_kept": _mean(st.kept_scores), "reward_all": _mean(st.all_scores),
+            "reward_win": _mean(st.win_scores), "reward_lose": _mean(st.lose_scores), "best_gap": _best_gap(st.all_scores, config),
+        }  # fmt: skip
+        tr = roll.transitions
+        tr.prompt_idx = rows.to(tr.prompt_idx.device)[tr.prompt_idx]  # global prompt ids
+        if self.accelerator is not None:
+            tr = gather_and_split(tr, self.accelerator, _seed(config, epoch, b + 1))
+        t1 = time.perf_counter()
+        rec["trained"] = len(tr)
+        if len(tr):
+            rec.update(self.train_on(tr, epoch, b))
+        self.history.append(rec)
+        if self.logger is not None:
+            timing = {"time/step": time.perf_counter() - t0, "time/sampling": t_roll - timed.seconds,
+                      "time/decode_score": timed.seconds, "time/training": time.perf_counter() - t1}  # fmt: skip
+            self.logger.scalars({**_scalars(rec), **timing}, step)
+
+    def train_on(self, tr: Transitions, epoch: int, b: int) -> dict[str, float]:
+        """One pass over this process's transitions in micro-batches; the optimizer steps every
+        ``gradient_accumulation_steps`` micro-steps, counted across rollout batches (as the official loop's accelerate
+        ``accumulate``), and at the end of each epoch."""
+        config, accelerator = self.config, self.accelerator
+        tr = tr.index(torch.randperm(len(tr), generator=torch.Generator().manual_seed(_seed(config, epoch, b + 1))).to(tr.t.device))
+        uniq, local = tr.prompt_idx.unique(return_inverse=True)
+        tr.prompt_idx = local
+        cond = self.encoder([self.prompts[int(i)] for i in uniq], device=self.device)
+        losses: list[float] = []
+        accs: list[float] = []
+        self.norms, self.skipped = [], 0
+        for idx in torch.arange(len(tr)).split(config.train_batch_size):
+            boundary = self.micro + 1 == config.gradient_accumulation_steps
+            no_sync = accelerator is not None and not boundary
+            with accelerator.no_sync(self.model) if no_sync else contextlib.nullcontext():
+                try:
+                    loss, st = spo_loss(self.model, tr.index(idx), cond, config)
+                except NonFiniteError as e:
+                    raise self._saved_nonfinite(e, epoch, b) from e
+                scaled = loss / config.gradient_accumulation_steps
+                accelerator.backward(scaled) if accelerator is not None else scaled.backward()
+            self.micro += 1
+            losses.append(float(loss.detach()))
+            accs.append(float(st["implicit_acc"].mean()))
+            if boundary:
+                self.optimizer_step(epoch, b)
+        rec = {"loss": sum(losses) / len(losses), "implicit_acc": sum(accs) / len(accs)}
+        if self.norms:
+            rec["grad_norm"] = sum(self.norms) / len(self.norms)
+        if self.skipped:
+            rec["skipped_steps"] = self.skipped
+        return rec
+
+    def optimizer_step(self, epoch: int, b: int) -> None:
+        norm = clip_gradients(self.params, self.config.max_grad_norm, self.accelerator)
+        self.micro = 0
+        if not math.isfinite(norm):
+            if self.scaler is None:  # fp16's loss scaler skips such steps and lowers its scale; otherwise it is fatal
+                self.opt.zero_grad(set_to_none=True)
+                raise self._saved_nonfinite(NonFiniteError(f"non-finite gradient norm in the SPO step: {NONFINITE_FIXES['gradient']}"),
+                                            epoch, b)  # fmt: skip
+            self.skipped += 1
+        else:
+            self.norms.append(norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _saved_nonfinite(self, e: Exception, epoch: int, b: int) -> NonFiniteError:
+        bad = self.out / CKPT_DIR / "nonfinite.pt"
+        if self.main:
+            _save_checkpoint(bad, self.unet, self.opt, epoch, self.config, self.history, self.world, self.scaler)
+        last = latest_checkpoint(self.out)
+        hint = f"; the last good checkpoint is {last}" if last is not None else ""
+        return NonFiniteError(f"{e} (epoch {epoch + 1}, batch {b + 1}); state saved to {bad}{hint}")
+
+    def write_preview(self, epoch: int) -> None:
+        assert self.preview is not None
+        images = self.preview.render(self.unet, self.encoder, self.config, self.latent_shape, self.device, unet_context=self.autocast)
+        self.preview.write(images, self.out / SAMPLES_DIR / f"epoch_{epoch:04d}")
+        if self.logger is not None:
+            self.logger.images("samples", images, self.preview.prompts, epoch)
+
+    def finish(self, save_formats: Sequence[str], overwrite: bool, run_record: dict[str, Any]) -> RunResult:
+        from pycore.lora.convert import save_lora
+
+        meta = {"hw_spo_config": json.dumps(self.config.to_dict())}
+        paths = []
+        for fmt in save_formats:
+            p = self.out / f"spo_lora_{fmt}.safetensors"
+            save_lora(self.unet, p, fmt, metadata=meta, overwrite=overwrite)
+            paths.append(p)
+        record = {**self.config.to_dict(), **run_record}
+        write_text_atomic(self.out / "spo_config.json", json.dumps(record, indent=2) + "\n", overwrite=True)
+        return RunResult(epochs_done=self.config.num_epochs, history=self.history, lora_paths=paths, resumed_from=self.start_epoch)
+
+
+def _gap(win: float, lose: float) -> float:
+    p = torch.softmax(torch.tensor([win, lose]), 0)
+    return float(p[0] - p[1])
+
+
+def _best_gap(scores: list[float], config: SPOConfig) -> float | None:
+    """The largest softmax gap of any (best, worst) candidate group of this batch (diagnoses 'nothing kept')."""
+    k = config.num_candidates
+    groups = [scores[i : i + k] for i in range(0, len(scores) - k + 1, k)]
+    return max((_gap(max(g), min(g)) for g in groups), default=None)
 
 
 class _TimedScorer:
@@ -278,55 +423,6 @@ class _TimedScorer:
             return self.scorer(x0, idx, t)
         finally:
             self.seconds += time.perf_counter() - t0
-
-
-def _train_on(tr: Transitions, model: Any, unet: Any, opt: Any, params: list[torch.nn.Parameter], encoder: PromptEncoder,
-              prompts: Sequence[str], config: SPOConfig, epoch: int, b: int, device: Any, out: Path, accelerator: Any,
-              scaler: Any, main: bool, history: list, world: int) -> dict[str, float]:  # fmt: skip
-    """One pass over this process's transitions: micro-batches, accumulation, clipping, steps."""
-    tr = tr.index(torch.randperm(len(tr), generator=torch.Generator().manual_seed(_seed(config, epoch, b + 1))).to(tr.t.device))
-    uniq, local = tr.prompt_idx.unique(return_inverse=True)
-    tr.prompt_idx = local
-    cond = encoder([prompts[int(i)] for i in uniq], device=device)
-    chunks = list(torch.arange(len(tr)).split(config.train_batch_size))
-    losses, accs, norms, skipped = [], [], [], 0
-    for c, idx in enumerate(chunks):
-        boundary = (c + 1) % config.gradient_accumulation_steps == 0 or c == len(chunks) - 1
-        sync = accelerator.no_sync(model) if accelerator is not None and not boundary else contextlib.nullcontext()
-        with sync:
-            try:
-                loss, st = spo_loss(model, tr.index(idx), cond, config)
-            except NonFiniteError as e:
-                bad = out / CKPT_DIR / "nonfinite.pt"
-                if main:
-                    _save_checkpoint(bad, unet, opt, epoch, config, history, world, scaler)
-                last = latest_checkpoint(out)
-                hint = f"; the last good checkpoint is {last}" if last is not None else ""
-                raise NonFiniteError(f"{e} (epoch {epoch + 1}, batch {b + 1}); state saved to {bad}{hint}") from e
-            scaled = loss / config.gradient_accumulation_steps
-            if accelerator is not None:
-                accelerator.backward(scaled)
-            else:
-                scaled.backward()
-        losses.append(float(loss.detach()))
-        accs.append(float(st["implicit_acc"].mean()))
-        if boundary:
-            norm = clip_gradients(params, config.max_grad_norm, accelerator)
-            if not math.isfinite(norm):
-                if scaler is None:  # fp16's loss scaler skips such steps and lowers its scale; otherwise it is fatal
-                    opt.zero_grad(set_to_none=True)
-                    raise NonFiniteError(f"non-finite gradient norm in the SPO step (epoch {epoch + 1}, batch {b + 1})")
-                skipped += 1
-            else:
-                norms.append(norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    rec = {"loss": sum(losses) / len(losses), "implicit_acc": sum(accs) / len(accs)}
-    if norms:
-        rec["grad_norm"] = sum(norms) / len(norms)
-    if skipped:
-        rec["skipped_steps"] = skipped
-    return rec
 
 
 _SCALAR_NAMES = {
@@ -349,14 +445,6 @@ def _epoch_summary(history: list[dict[str, Any]], epoch: int, seconds: float) ->
 
     return {"epoch": epoch + 1, "pairs": sum(h["pairs"] for h in recs), "acceptance": avg("acceptance"), "loss": avg("loss"),
             "implicit_acc": avg("implicit_acc"), "reward_final": avg("reward_final"), "seconds": seconds}  # fmt: skip
-
-
-def _write_preview(preview: Preview, unet: Any, encoder: PromptEncoder, config: SPOConfig, latent_shape: Sequence[int],
-                   device: Any, out: Path, epoch: int, logger: TrainLogger | None) -> None:  # fmt: skip
-    images = preview.render(unet, encoder, config, latent_shape, device)
-    preview.write(images, out / SAMPLES_DIR / f"epoch_{epoch:04d}")
-    if logger is not None:
-        logger.images("samples", images, preview.prompts, epoch)
 
 
 def gather_and_split(tr: Transitions, accelerator: Any, seed: int) -> Transitions:
