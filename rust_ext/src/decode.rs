@@ -84,7 +84,6 @@ fn grid_color(
     }
 }
 
-
 /// Pillow refuses images above this (DecompressionBombError); so do we.
 pub const MAX_PIXELS: u64 = crate::limits::MAX_PIXELS;
 
