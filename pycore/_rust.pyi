@@ -17,6 +17,7 @@ MAX_PIXELS: int
 __all__ = [
     "__version__", "STATUSES", "BUCKET_STATUSES", "MAX_PIXELS", "walk_dir", "scan_files", "assign_buckets", "path_keys", "generate_buckets",
     "perceptual_hashes", "hash_luma", "decode_luma", "hamming_pairs", "connected_components", "group_max_distances",
+    "tar_index", "scan_ranges", "scan_buffers", "perceptual_hashes_buffers",
 ]
 
 def walk_dir(
@@ -79,3 +80,31 @@ def group_max_distances(
     hashes: npt.NDArray[np.uint64], labels: npt.NDArray[np.int64], threads: int = 0
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
     """Per group label: (largest internal Hamming distance, computed exactly?)."""
+
+# ---- images where they are stored: tar shards and byte buffers (rust_ext/src/tar.rs) ----
+
+def tar_index(
+    path: str | os.PathLike[str],
+) -> tuple[list[bytes], npt.NDArray[np.uint64], npt.NDArray[np.uint64], list[str], int, tuple[str, str] | None]:
+    """Index a tar shard in place: (member names, data offsets, sizes, kinds "file"/"dir"/"other",
+    shard length, (status name, reason) when the shard ends early or has a damaged header)."""
+
+def scan_ranges(
+    paths: Sequence[str | os.PathLike[str]],
+    offsets: npt.NDArray[np.uint64],
+    sizes: npt.NDArray[np.uint64],
+    hash: bool = True,
+    max_pixels: int | None = None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Probe byte ranges of files (tar members) in place; the columns of `scan_files`."""
+
+def scan_buffers(
+    buffers: Sequence[bytes], hash: bool = True, max_pixels: int | None = None, threads: int = 0
+) -> dict[str, Any]:
+    """Probe in-memory images; the columns of `scan_files` (mtime NaN)."""
+
+def perceptual_hashes_buffers(
+    buffers: Sequence[bytes], fast_min_side: int | None = None, threads: int = 0, stats: bool = False
+) -> dict[str, Any]:
+    """`perceptual_hashes` for in-memory images (bytes): the same columns, same order."""

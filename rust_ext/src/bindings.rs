@@ -98,69 +98,7 @@ fn scan_files<'py>(
         }
         out
     })?;
-    let d = PyDict::new(py);
-    d.set_item(
-        "status_code",
-        recs.iter()
-            .map(|r| r.status.code())
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
-    )?;
-    d.set_item(
-        "error",
-        recs.iter().map(|r| r.error.clone()).collect::<Vec<_>>(),
-    )?;
-    d.set_item(
-        "warning",
-        recs.iter().map(|r| r.warning.clone()).collect::<Vec<_>>(),
-    )?;
-    d.set_item(
-        "format",
-        recs.iter()
-            .map(|r| r.format.map(|f| f.as_str()))
-            .collect::<Vec<_>>(),
-    )?;
-    d.set_item(
-        "width",
-        recs.iter()
-            .map(|r| r.width)
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
-    )?;
-    d.set_item(
-        "height",
-        recs.iter()
-            .map(|r| r.height)
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
-    )?;
-    d.set_item(
-        "orientation",
-        recs.iter()
-            .map(|r| r.orientation)
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
-    )?;
-    d.set_item(
-        "file_size",
-        recs.iter()
-            .map(|r| r.file_size)
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
-    )?;
-    d.set_item(
-        "mtime",
-        recs.iter()
-            .map(|r| r.mtime)
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
-    )?;
-    let hashes: Vec<Option<String>> = recs
-        .iter()
-        .map(|r| r.content_hash.map(|h| format!("{h:032x}")))
-        .collect();
-    d.set_item("content_hash", hashes)?;
-    Ok(d)
+    crate::bindings_shards::record_columns(py, &recs)
 }
 
 /// Assign buckets to sizes. Returns a dict of NumPy columns: `assigned` is false for a 0×0
@@ -276,6 +214,15 @@ fn perceptual_hashes<'py>(
     let res = detached_cancellable(py, threads, |cancel| {
         crate::decode::hash_files(&paths, fast_min_side, stats, cancel)
     })?;
+    hashed_columns(py, &res, stats)
+}
+
+/// The columns of `perceptual_hashes` (and `perceptual_hashes_buffers`) for per-image results.
+pub(crate) fn hashed_columns<'py>(
+    py: Python<'py>,
+    res: &[crate::error::Result<crate::decode::Hashed>],
+    stats: bool,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let hashes = |f: fn(&crate::decode::Hashed) -> u64| {
         res.iter()
@@ -450,6 +397,7 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hamming_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(connected_components, m)?)?;
     m.add_function(wrap_pyfunction!(group_max_distances, m)?)?;
+    crate::bindings_shards::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("STATUSES", Status::ALL.map(Status::name).to_vec())?;
     let bucket_statuses: Vec<&str> = Status::ALL

@@ -398,13 +398,18 @@ pub struct Hashed {
 /// Hash (and with `stats`, measure) one file from a single decode.
 pub fn hash_file(path: &Path, scale_min_side: Option<u32>, stats: bool) -> Result<Hashed> {
     let bytes = std::fs::read(path).ctx(&path.display().to_string())?;
+    hash_bytes(&bytes, scale_min_side, stats)
+}
+
+/// [`hash_file`] for an image already in memory (a tar member, a Parquet cell).
+pub fn hash_bytes(bytes: &[u8], scale_min_side: Option<u32>, stats: bool) -> Result<Hashed> {
     let mut acc = ColorAcc::default();
-    let l = decode_bytes_with(&bytes, scale_min_side, stats.then_some(&mut acc))?;
+    let l = decode_bytes_with(bytes, scale_min_side, stats.then_some(&mut acc))?;
     if l.width == 0 || l.height == 0 {
         return Err(Error::Corrupt("image has a zero size".into()));
     }
     let st = stats.then(|| {
-        let jpeg = (sniff(&bytes) == Some("jpeg")).then_some(&bytes[..]);
+        let jpeg = (sniff(bytes) == Some("jpeg")).then_some(bytes);
         crate::quality::stats(&l.data, l.width, l.height, &acc, jpeg)
     });
     Ok(Hashed {

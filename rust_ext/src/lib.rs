@@ -14,7 +14,10 @@ pub mod pool;
 pub mod quality;
 pub mod scan;
 pub mod status;
+pub mod tar;
 pub mod walk;
 
 #[cfg(feature = "python")]
 mod bindings;
+#[cfg(feature = "python")]
+mod bindings_shards;

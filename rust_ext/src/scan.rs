@@ -96,7 +96,18 @@ fn scan_into(path: &Path, opts: &ScanOptions, rec: &mut ScanRecord) -> Result<()
     }
     let file = File::open(path).ctx("cannot open file")?;
     let mut reader = BufReader::with_capacity(16 * 1024, file);
-    let info = header::probe(&mut reader, rec.file_size)?;
+    probe_into(&mut reader, rec.file_size, opts, rec)
+}
+
+/// Header (format, oriented size), content hash and pixel limit of one image held in a reader
+/// of `len` bytes: a file, a tar member's byte range or an in-memory buffer.
+pub fn probe_into<R: Read + Seek>(
+    reader: &mut R,
+    len: u64,
+    opts: &ScanOptions,
+    rec: &mut ScanRecord,
+) -> Result<()> {
+    let info = header::probe(reader, len)?;
     rec.format = Some(info.format);
     let orientation = match info.orientation {
         None => 0,
@@ -109,7 +120,7 @@ fn scan_into(path: &Path, opts: &ScanOptions, rec: &mut ScanRecord) -> Result<()
     rec.orientation = orientation;
     (rec.width, rec.height) = oriented(info.width, info.height, orientation);
     if opts.hash {
-        rec.content_hash = Some(hash_reader(&mut reader)?);
+        rec.content_hash = Some(hash_reader(reader)?);
     }
     let pixels = u64::from(info.width) * u64::from(info.height);
     if pixels > opts.max_pixels {
