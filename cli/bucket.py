@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.common import Json, Out, Overwrite, Threads
+from cli.scale_options import SCALE, Ray, RayWorkers
 
 HELP = """Scan a folder of images (or re-bucket an existing manifest) and assign aspect-ratio buckets.
 
@@ -16,6 +17,8 @@ sizes after EXIF orientation. Every image file found becomes a row of the output
 ones that cannot be used too, with a status and a reason. An empty folder exits with code 3.
 
 Example: hw bucket photos/ --out manifest.parquet --table sdxl --export-kohya meta.json
+
+Shards: hw bucket 'laion/{00000..00099}.tar' --out manifest/ --sidecars   (img2dataset output, read in place)
 """
 
 _T, _F, _O = "Bucket table", "Fitting images to buckets", "Outputs"
@@ -27,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
 
 def bucket(
-    src: Annotated[Path, typer.Argument(metavar="SRC", help="A folder of images (searched recursively) or a manifest .parquet to re-bucket.", show_default=False)],
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="A folder of images (searched recursively), a manifest (.parquet or a folder of parts) to re-bucket, tar shards (a .tar, a folder of them, 'shards/{00000..00099}.tar', a list file or @list.txt), or with --image-column Parquet tables of image bytes.", show_default=False)],
     out: Out,
     table: Annotated[str, typer.Option("--table", "-t", help="Bucket table: helloworld, sdxl, generated, or a .csv/.toml file (width,height). HelloWorld's 1360×768 is off SDXL's 32-grid: --snap 32 rounds it (warned once per manifest).", rich_help_panel=_T)] = "helloworld",
     max_area: Annotated[int, typer.Option("--max-area", help="With --table generated: largest bucket area in pixels (≤ 16384²).", rich_help_panel=_T)] = 1024 * 1024,
@@ -46,11 +49,17 @@ def bucket(
     threads: Threads = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG histogram of images per bucket.", rich_help_panel=_O)] = None,
     export_kohya: Annotated[Path | None, typer.Option("--export-kohya", help="Write kohya sd-scripts metadata JSON ({image: {image_size, train_resolution}}; use kohya's --full_path). Non-UTF-8 names are written as \\udcXX escapes.", rich_help_panel=_O)] = None,
+    image_column: Annotated[str | None, typer.Option("--image-column", help="SRC is Parquet tables (a file, folder, {a..b} pattern or list) with image bytes in this column (binary, or HF datasets' {bytes, path}).", rich_help_panel=SCALE)] = None,
+    caption_column: Annotated[str | None, typer.Option("--caption-column", help="With --image-column: carry this text column as source_caption.", rich_help_panel=SCALE)] = None,
+    sidecars: Annotated[bool, typer.Option("--sidecars", help="Tar shards: carry KEY.txt as source_caption and KEY.json as source_json.", rich_help_panel=SCALE)] = False,
+    ray: Ray = None,
+    ray_workers: RayWorkers = None,
     json_out: Json = False,
     overwrite: Overwrite = False,
 ) -> None:
     from cli.common import BarProgress, print_json
     from pycore.curation.bucket import BucketRequest, bucket as run_bucket
+    from pycore.curation.scan_sources import SourceOptions
     from pycore.limits import MAX_PIXELS
 
     req = BucketRequest(
@@ -58,6 +67,8 @@ def bucket(
         no_upscale=no_upscale, reject_small=reject_small, max_crop=max_crop, flag_crop=flag_crop,
         random_crop=random_crop, seed=seed, hash=not no_hash, max_pixels=MAX_PIXELS if max_pixels is None else max_pixels,
         threads=threads, plot=plot, export_kohya=export_kohya, overwrite=overwrite,
+        sources=SourceOptions(image_column=image_column, caption_column=caption_column, sidecars=sidecars,
+                              ray=ray, ray_workers=ray_workers),
     )  # fmt: skip
     with BarProgress(disable=json_out) as bar:
         result = run_bucket(req, progress=bar)

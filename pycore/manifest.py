@@ -47,6 +47,10 @@ COLUMNS: dict[str, pl.DataType] = {
     "file_size": pl.Int64(),
     "mtime": pl.Float64(),
     "content_hash": pl.String(),
+    # images in tar shards / Parquet tables (pycore.sources)
+    "member_offset": pl.Int64(),
+    "source_caption": pl.String(),
+    "source_json": pl.String(),
     "bucket_width": pl.Int32(),
     "bucket_height": pl.Int32(),
     "scale": pl.Float64(),
@@ -177,8 +181,13 @@ def validate(frame: pl.DataFrame, required: Iterable[str] = REQUIRED, source: st
 
 
 def read_manifest(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> pl.DataFrame:
-    """Read and validate a manifest. Errors are one-line :class:`ManifestError`s."""
+    """Read and validate a manifest: a Parquet file or a folder of parts
+    (:mod:`pycore.manifest_parts`). Errors are one-line :class:`ManifestError`s."""
     p = Path(path)
+    if p.is_dir():
+        from pycore.manifest_parts import read_parts
+
+        return validate(read_parts(p), required, source=f"manifest {p}")
     if not p.is_file():
         raise ManifestError(f"manifest {p} does not exist")
     try:
@@ -190,12 +199,20 @@ def read_manifest(path: str | os.PathLike[str], required: Iterable[str] = REQUIR
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """hw's key/value metadata stored in a manifest's Parquet footer (keys without 'hw.')."""
+    """hw's key/value metadata stored in a manifest's Parquet footer (keys without 'hw.'); for a
+    folder of parts, the first part's (every part carries the same)."""
+    if os.path.isdir(path):
+        from pycore.manifest_parts import first_part
+
+        try:
+            path = first_part(path)
+        except ManifestError:
+            return {}
     try:
         meta = pl.read_parquet_metadata(path)
     except (pl.exceptions.PolarsError, OSError):
         return {}
-    return {k[3:]: v for k, v in meta.items() if k.startswith("hw.")}
+    return {k[3:]: v for k, v in meta.items() if k.startswith("hw.") and k != "hw.part"}
 
 
 def write_manifest(
@@ -204,9 +221,12 @@ def write_manifest(
     *,
     metadata: dict[str, object] | None = None,
     overwrite: bool = False,
+    part_rows: int | None = None,
 ) -> None:
     """Validate and write atomically; known columns come first in schema order. hw never writes a
-    status outside :data:`STATUSES`."""
+    status outside :data:`STATUSES`. A ``path`` ending with ``/``, an existing folder or a path
+    without a suffix is written as a folder of parts (:mod:`pycore.manifest_parts`) of
+    ``part_rows`` rows."""
     frame = validate(frame)
     unknown = unknown_statuses(frame)
     if unknown:
@@ -217,6 +237,11 @@ def write_manifest(
     meta = {"hw.schema_version": SCHEMA_VERSION}
     for k, v in (metadata or {}).items():
         meta[f"hw.{k}"] = v if isinstance(v, str) else json.dumps(v)
+    from pycore.manifest_parts import wants_parts, write_parts
+
+    if wants_parts(path):
+        write_parts(frame, path, meta, overwrite=overwrite, part_rows=part_rows)
+        return
     with atomic_path(path, overwrite=overwrite) as tmp:
         frame.write_parquet(tmp, metadata=meta)
 
@@ -269,9 +294,9 @@ class Manifest:
         meta["history"] = json.dumps([*self.history, command])
         return Manifest(frame, meta, None)
 
-    def write(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-        """Validate and write atomically (see :func:`write_manifest`)."""
-        write_manifest(self.frame, path, metadata=self.meta, overwrite=overwrite)
+    def write(self, path: str | os.PathLike[str], *, overwrite: bool = False, part_rows: int | None = None) -> None:
+        """Validate and write atomically, as one file or a folder of parts (see :func:`write_manifest`)."""
+        write_manifest(self.frame, path, metadata=self.meta, overwrite=overwrite, part_rows=part_rows)
 
 
 def new_manifest(frame: pl.DataFrame, command: str, meta: Mapping[str, object]) -> Manifest:

@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING
 from pycore.checks import check_float, check_int, check_output, resolve_threads
 from pycore.errors import HwError, HwWarning, NothingDone
 from pycore.limits import MAX_PIXELS
+from pycore.manifest_parts import check_manifest_out
 
 if TYPE_CHECKING:
     import polars as pl
 
     from pycore.curation.assign import BucketOptions, BucketReport
+    from pycore.curation.scan_sources import SourceOptions
+    from pycore.curation.scan import ScanResult
     from pycore.curation.tables import BucketTable
     from pycore.progress import Progress
 
@@ -42,7 +45,9 @@ SDXL_MULTIPLE = 32
 class BucketRequest:
     """Everything ``hw bucket`` needs; checked on construction."""
 
-    #: A folder of images (searched recursively) or a manifest .parquet to re-bucket.
+    #: A folder of images (searched recursively), a manifest (.parquet or a folder of parts) to
+    #: re-bucket, tar shards (a .tar, a folder of them, ``shards/{00000..00099}.tar``, a list file
+    #: or ``@list.txt``), or with ``image_column`` Parquet tables of image bytes.
     source: str | Path
     #: The output manifest (.parquet).
     out: str | Path
@@ -75,13 +80,23 @@ class BucketRequest:
     plot: str | Path | None = None
     export_kohya: str | Path | None = None
     overwrite: bool = False
+    #: Where the images are stored beyond loose files (Parquet image column, tar sidecars) and
+    #: whether the scan runs on Ray (:class:`pycore.curation.scan_sources.SourceOptions`).
+    sources: SourceOptions | None = None
 
     def __post_init__(self) -> None:
+        from pycore.curation.scan_sources import SourceOptions
+        from pycore.curation.shards import LIST_SUFFIXES, SHARD_SUFFIXES, is_pattern
+
+        self.sources = self.sources or SourceOptions()
+        named = str(self.source)
         self.source = Path(self.source)
-        if not self.source.exists():
+        if not self.source.exists() and not (is_pattern(named) or named.startswith("@")):
             raise HwError(f"{self.source} does not exist")
-        if self.source.is_file() and self.source.suffix.lower() != ".parquet":
-            raise HwError(f"{self.source} is a file but not a manifest (.parquet); give a folder of images or a manifest")
+        if (self.source.is_file() and not self.sources.image_column
+                and not named.lower().endswith((".parquet", *SHARD_SUFFIXES, *LIST_SUFFIXES))):  # fmt: skip
+            raise HwError(f"{self.source} is a file but not a manifest (.parquet), a tar shard or a list file; "
+                          "give a folder of images, shards or a manifest")  # fmt: skip
         check_int("--max-area", self.max_area, 1, MAX_SIDE * MAX_SIDE)
         check_int("--step", self.step, 1, MAX_SIDE)
         check_int("--min-side", self.min_side, 0, MAX_SIDE)
@@ -96,11 +111,11 @@ class BucketRequest:
         if self.flag_crop and self.max_crop is None:
             raise HwError("--flag-crop needs --max-crop")
         inputs = [self.source]
-        self.out = check_output(self.out, inputs=inputs, overwrite=self.overwrite)  # type: ignore[assignment]
+        self.out = check_manifest_out(self.out, inputs=inputs, overwrite=self.overwrite)
         self.plot = check_output(self.plot, inputs=inputs, overwrite=self.overwrite, option="--plot")
         self.export_kohya = check_output(self.export_kohya, inputs=inputs, overwrite=self.overwrite, option="--export-kohya")
         outs = [p for p in (self.out, self.plot, self.export_kohya) if p is not None]
-        if len({Path(p).resolve() for p in outs}) != len(outs):
+        if len({Path(p).resolve() for p in outs}) != len(outs):  # type: ignore[arg-type]
             raise HwError("--out, --plot and --export-kohya must be different files")
         self.threads = resolve_threads(self.threads)
 
@@ -149,27 +164,22 @@ class BucketResult:
 def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult:
     """Run ``hw bucket``: see the module docstring."""
     from pycore.curation.assign import assign, report
-    from pycore.curation.scan import scan_folder
     from pycore.curation.tables import off_grid
     from pycore.manifest import Manifest, new_manifest
 
     t0 = time.perf_counter()
     table, opts = req.bucket_table(), req.options()
     src = Path(req.source)
-    meta = {"table": table.name, "table_sizes": [list(s) for s in table.sizes],
+    meta: dict[str, object] = {"table": table.name, "table_sizes": [list(s) for s in table.sizes],
             "options": {k: v for k, v in vars(opts).items() if k != "threads"}, "source": str(src)}  # fmt: skip
-    if src.is_file():
+    scan = _scan(req, src, opts.threads, progress)
+    if scan is None:  # a manifest (file or folder of parts) to re-bucket
         prev = Manifest.read(src, required=("path", "status", "width", "height"))
         frame, skipped, problems, rescanned = prev.frame, {}, [], False
         warned_before = prev.get("table") == table.name
     else:
-        if progress is not None:
-            progress.stage("walking", None, "files")
-        res = scan_folder(str(src), hash=req.hash, max_pixels=req.max_pixels, threads=opts.threads,
-                          progress=progress.advance if progress else None,
-                          on_listed=(lambda n: progress.stage("reading headers", n, "files")) if progress else None)  # fmt: skip
-        frame, skipped, problems, rescanned, warned_before = res.frame, res.skipped, res.problems, True, False
-        meta.update(root=res.root, content_hash="xxh3-128" if req.hash else "none")
+        frame, skipped, problems, rescanned, warned_before = scan.frame, scan.skipped, scan.problems, True, False
+        meta.update(root=scan.root, content_hash="xxh3-128" if req.hash else "none")
     if frame.height == 0:
         extra = f" ({sum(skipped.values()):,} non-image file(s) skipped)" if skipped else ""
         raise NothingDone(f"no image files in {src}{extra}; nothing to bucket, no manifest written")
@@ -195,6 +205,27 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
                           stacklevel=2)  # fmt: skip
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _scan(req: BucketRequest, src: Path, threads: int, progress: Progress | None) -> ScanResult | None:
+    """Scan a folder, tar shards or Parquet image tables (None for a manifest to re-bucket)."""
+    from pycore.curation.scan import scan_folder
+    from pycore.curation.scan_sources import scan_source
+    from pycore.manifest_parts import is_manifest_folder
+
+    assert req.sources is not None
+    named = str(src)
+    advance = progress.advance if progress else None
+    if progress is not None:
+        progress.stage("walking", None, "files")
+    got = scan_source(named, req.sources, hash=req.hash, max_pixels=req.max_pixels, threads=threads,
+                      progress=advance, on_listed=(lambda n: progress.stage("reading shards", n, "shards")) if progress else None)  # fmt: skip
+    if got is not None:
+        return got
+    if src.is_file() or is_manifest_folder(src):
+        return None
+    return scan_folder(str(src), hash=req.hash, max_pixels=req.max_pixels, threads=threads, progress=advance,
+                       on_listed=(lambda n: progress.stage("reading headers", n, "files")) if progress else None)  # fmt: skip
 
 
 def export_kohya(frame: pl.DataFrame, path: str | Path, *, overwrite: bool = False) -> int:

@@ -1,0 +1,316 @@
+"""Per-image stages on a Ray cluster (Ray Data), with the same pycore functions as a local run.
+
+Only imported with ``--ray`` (or ``HW_RAY_ADDRESS``); ``ray`` is the optional extra ``hw[ray]``.
+
+How a stage runs: the driver splits the input into *units* (one tar shard, one Parquet table, or
+a chunk of files / manifest rows); a Ray Dataset of units is mapped with ``map_batches`` (one
+unit per call) by a task that runs the ordinary pycore function on the unit and writes its rows
+as a Parquet *part* ``part-<unit>.parquet`` (atomically, under a fixed name) into a folder on
+storage the workers share with the driver, returning only a small summary. The driver streams
+the summaries (progress), then reads the parts in unit order — so the result is the local run's
+rows in the local run's order. A worker that dies mid-unit is retried by Ray Data (its map tasks are retried on system
+failures by default; a Python error in the unit is not retried and fails the run with one line);
+since a unit's part has one name and is written by rename, a retried unit replaces, never
+duplicates, its rows: every row is present exactly once. Global steps (bucket assignment,
+exact-duplicate grouping, the near-duplicate search over all hashes) then run on the driver.
+
+Addresses: ``local`` starts a Ray instance on this machine for the run;
+``auto`` joins the cluster this machine belongs to; anything else (``ray://head:10001``,
+``10.0.0.5:6379``) is passed to ``ray.init(address=…)``. A session already initialised by the
+caller (``ray.init`` in a notebook) is used as it is and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pycore.errors import HwError
+
+ENV = "HW_RAY_ADDRESS"
+#: Files per unit when a folder of loose images or a manifest's rows are split for Ray.
+CHUNK_ROWS = 4096
+
+
+def address_from(option: str | None) -> str | None:
+    """The Ray address to use: the option, else ``$HW_RAY_ADDRESS``, else None (run locally)."""
+    addr = option if option is not None else os.environ.get(ENV) or None
+    if addr is not None and not addr.strip():
+        raise HwError("--ray needs an address: local, auto, or HOST:PORT / ray://HOST:PORT")
+    if addr is not None and addr.startswith("-"):
+        raise HwError(f"--ray took {addr!r} as its address; give it one: --ray local, --ray auto or --ray HOST:PORT")
+    return addr.strip() if addr else None
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise HwError("--ray needs Ray: pip install 'hw[ray]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def session(address: str, num_cpus: int | None = None) -> Iterator[Any]:
+    """A Ray session for the run (see the module docstring for addresses)."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address == "local":
+        kw["num_cpus"] = num_cpus
+    else:
+        kw["address"] = address
+    try:
+        ray.init(**kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise HwError(f"cannot start or reach Ray at {address}: {str(e).strip().splitlines()[0]}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class UnitResult:
+    """What the driver gathers: each unit's rows (in unit order) and each unit's extra report."""
+
+    frames: list[pl.DataFrame]
+    extras: list[dict[str, Any]] = field(default_factory=list)
+
+    def frame(self) -> pl.DataFrame:
+        return pl.concat(self.frames, how="vertical_relaxed") if self.frames else pl.DataFrame()
+
+
+def _part(folder: str, k: int) -> str:
+    return os.path.join(folder, f"part-{k:06d}.parquet")
+
+
+def _run_batch(batch: dict[str, Any], fn: Callable[[Any], tuple[pl.DataFrame, dict]], folder: str) -> dict[str, list]:
+    """The Ray task body: run ``fn`` on each unit, write its part under a fixed name, summarise."""
+    out: dict[str, list] = {"k": [], "rows": [], "extra": []}
+    for k, unit in zip(list(batch["k"]), list(batch["unit"]), strict=True):
+        frame, extra = fn(json.loads(str(unit)))
+        fd, tmp = tempfile.mkstemp(prefix=f".part-{int(k):06d}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        frame.write_parquet(tmp)
+        os.replace(tmp, _part(folder, int(k)))
+        out["k"].append(int(k))
+        out["rows"].append(frame.height)
+        out["extra"].append(json.dumps(extra))
+    return out
+
+
+def run_units(
+    fn: Callable[[Any], tuple[pl.DataFrame, dict]],
+    units: Sequence[Any],
+    *,
+    parts_dir: str | os.PathLike[str],
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> UnitResult:
+    """Run ``fn(unit) -> (rows, extra)`` for every unit as a Ray Data job (a session must be
+    active, see :func:`session`); parts go to ``parts_dir`` (shared storage). ``units`` must be
+    JSON-serialisable. Returns the rows in unit order."""
+    ray = _import_ray()
+    if not units:
+        return UnitResult([], [])
+    folder = os.fspath(parts_dir)
+    os.makedirs(folder, exist_ok=True)
+    items = [{"k": k, "unit": json.dumps(u)} for k, u in enumerate(units)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    mapped = ds.map_batches(
+        _run_batch, fn_kwargs={"fn": fn, "folder": folder}, batch_size=1, batch_format="numpy",
+        concurrency=workers,
+    )  # fmt: skip
+    extras: dict[int, dict] = {}
+    try:
+        for row in mapped.iter_rows():
+            extras[int(row["k"])] = json.loads(row["extra"])
+            if progress:
+                progress(1)
+    except Exception as e:  # Ray wraps worker errors in its own types; one line with the cause
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, HwError):
+            raise HwError(str(cause)) from None
+        raise HwError(f"the Ray job failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from None
+    lost = [k for k in range(len(units)) if k not in extras or not os.path.exists(_part(folder, k))]
+    if lost:
+        raise HwError(f"the Ray job finished without {len(lost)} of {len(units)} unit(s) (first: {units[lost[0]]})")
+    frames = [pl.read_parquet(_part(folder, k)) for k in range(len(units))]
+    return UnitResult(frames, [extras[k] for k in range(len(units))])
+
+
+#: Where workers write their parts: ``$HW_RAY_PARTS``, else the current folder. On a cluster of
+#: several machines this must be storage every node and the driver share (as the inputs are).
+PARTS_ENV = "HW_RAY_PARTS"
+
+
+@contextlib.contextmanager
+def parts_folder(near: str | os.PathLike[str] | None = None) -> Iterator[str]:
+    """A scratch folder for workers' parts in ``near`` (default ``$HW_RAY_PARTS`` or the current
+    folder); removed afterwards."""
+    base = Path(near or os.environ.get(PARTS_ENV) or os.getcwd())
+    if not base.is_dir() or not os.access(base, os.W_OK):
+        raise HwError(f"cannot write Ray parts in {base}; set {PARTS_ENV} to a shared writable folder")
+    d = tempfile.mkdtemp(prefix=".hw-ray-parts.", dir=base)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScanUnit:
+    """The scan of one unit: a shard, a table or a chunk of files (plain data, pickled to workers)."""
+
+    hash: bool
+    max_pixels: int
+    threads: int
+    sidecars: bool = False
+    image_column: str | None = None
+    caption_column: str | None = None
+
+    def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+        from pycore.curation.scan import scan_paths
+        from pycore.curation.scan_sources import scan_shards, scan_tables
+
+        kind = unit["kind"]
+        if kind == "shard":
+            r = scan_shards([unit["path"]], hash=self.hash, max_pixels=self.max_pixels, threads=self.threads,
+                            sidecars=self.sidecars)  # fmt: skip
+            return r.frame, {"skipped": r.skipped, "problems": r.problems}
+        if kind == "table":
+            assert self.image_column is not None
+            r = scan_tables([unit["path"]], self.image_column, hash=self.hash, max_pixels=self.max_pixels,
+                            threads=self.threads, caption_column=self.caption_column)  # fmt: skip
+            return r.frame, {}
+        paths = [os.fsdecode(os.fsencode(p)) for p in unit["paths"]]
+        return scan_paths(paths, hash=self.hash, max_pixels=self.max_pixels, threads=self.threads), {}
+
+
+def scan_units(units: list[dict[str, Any]], scan: ScanUnit, *, address: str, near: str | os.PathLike[str] | None = None,
+               workers: int | None = None, progress: Callable[[int], None] | None = None,
+               ) -> tuple[pl.DataFrame, dict[str, int], list[tuple[str, str]]]:  # fmt: skip
+    """Scan units on Ray: (frame in unit order, skipped counts, problems), as the local scan gives."""
+    with session(address, num_cpus=workers), parts_folder(near) as d:
+        res = run_units(scan, units, parts_dir=d, workers=workers, progress=progress)
+    skipped: dict[str, int] = {}
+    problems: list[tuple[str, str]] = []
+    for e in res.extras:
+        for k, v in e.get("skipped", {}).items():
+            skipped[k] = skipped.get(k, 0) + v
+        problems += [tuple(p) for p in e.get("problems", [])]  # type: ignore[misc]
+    frame = res.frame()
+    if "path_bytes" in frame.columns:
+        frame = frame.with_columns(pl.col("path_bytes").cast(pl.Binary))
+    return frame, skipped, problems
+
+
+@dataclass(frozen=True)
+class HashUnit:
+    """dedup's perceptual hashes of a chunk of references (``pycore.sources.perceptual_hashes``)."""
+
+    fast_min_side: int | None
+    threads: int
+
+    def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+        from pycore.sources import perceptual_hashes
+
+        r = perceptual_hashes(unit["refs"], self.fast_min_side, self.threads)
+        frame = pl.DataFrame({
+            "phash": pl.Series(r["phash"], dtype=pl.UInt64), "dhash": pl.Series(r["dhash"], dtype=pl.UInt64),
+            "ok": pl.Series(r["ok"], dtype=pl.Boolean), "error_kind": pl.Series(r["error_kind"], dtype=pl.String),
+            "error": pl.Series(r["error"], dtype=pl.String),
+        })  # fmt: skip
+        return frame, {}
+
+
+def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: int, *, address: str,
+                      near: str | os.PathLike[str] | None = None, workers: int | None = None,
+                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """:func:`pycore.sources.perceptual_hashes` over Ray: the same columns, in input order."""
+    chunks = [list(refs[i : i + CHUNK_ROWS]) for i in range(0, len(refs), CHUNK_ROWS)]
+    sizes = [len(c) for c in chunks]
+
+    def step(n: int) -> None:
+        if progress:
+            progress(sizes[min(len(sizes) - 1, step.done)])  # type: ignore[attr-defined]
+        step.done += 1  # type: ignore[attr-defined]
+
+    step.done = 0  # type: ignore[attr-defined]
+    with session(address, num_cpus=workers), parts_folder(near) as d:
+        res = run_units(HashUnit(fast_min_side, threads), [{"refs": c} for c in chunks], parts_dir=d,
+                        workers=workers, progress=step)  # fmt: skip
+    f = res.frame()
+    if f.height != len(refs):
+        raise HwError(f"the Ray job returned {f.height} hashes for {len(refs)} images")
+    return {"phash": f["phash"].to_numpy(), "dhash": f["dhash"].to_numpy(), "ok": f["ok"].to_numpy(),
+            "error_kind": f["error_kind"].to_list(), "error": f["error"].to_list()}  # fmt: skip
+
+
+#: Models loaded by this worker process, so a process that runs many units loads each once.
+_MODELS: dict[tuple, Any] = {}
+
+
+@dataclass(frozen=True)
+class ScoreUnit:
+    """``hw spm-score`` of a chunk of (reference, prompt) rows (``pycore.spo.spm_data.score_files``)."""
+
+    model: str
+    base: str | None
+    processor: str | None
+    dtype: str
+    device: str
+    timestep: int
+    batch_size: int
+
+    def load(self) -> Any:
+        key = (self.model, self.base, self.processor, self.dtype, self.device)
+        if key not in _MODELS:
+            from pycore.spo.preference import StepAwarePreferenceModel, parse_dtype
+
+            spm = StepAwarePreferenceModel.from_pretrained(self.model, base=self.base, processor=self.processor,
+                                                           dtype=parse_dtype(self.dtype), device=self.device)  # fmt: skip
+            spm.requires_grad_(False)
+            _MODELS.clear()
+            _MODELS[key] = spm
+        return _MODELS[key]
+
+    def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+        from pycore.spo.spm_data import score_files
+
+        s, e = score_files(self.load(), unit["refs"], unit["prompts"], timestep=self.timestep, batch_size=self.batch_size)
+        return pl.DataFrame({"score": pl.Series(s, dtype=pl.Float64), "error": pl.Series(e, dtype=pl.String)}), {}
+
+
+def score(refs: Sequence[str], prompts: Sequence[str | None], unit: ScoreUnit, *, address: str,
+          workers: int | None = None, near: str | os.PathLike[str] | None = None,
+          progress: Callable[[int], None] | None = None, chunk: int = 512) -> tuple[list[float | None], list[str | None]]:  # fmt: skip
+    """``score_files`` over Ray: (scores, errors) in input order. The model is loaded once per worker process."""
+    units = [{"refs": list(refs[i : i + chunk]), "prompts": list(prompts[i : i + chunk])} for i in range(0, len(refs), chunk)]
+    done = iter([min(chunk, len(refs) - i) for i in range(0, len(refs), chunk)])
+
+    def step(_: int) -> None:
+        if progress:
+            progress(next(done, 0))
+
+    with session(address, num_cpus=workers), parts_folder(near) as d:
+        res = run_units(unit, units, parts_dir=d, workers=workers, progress=step)
+    f = res.frame()
+    if f.height != len(refs):
+        raise HwError(f"the Ray job returned {f.height} scores for {len(refs)} images")
+    return f["score"].to_list(), f["error"].to_list()

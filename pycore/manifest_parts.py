@@ -1,0 +1,109 @@
+"""Manifests as a folder of Parquet parts: ``manifest/part-00000.parquet``, ``part-00001.parquet``, …
+
+One table split by rows, every part with the same schema and the same ``hw.*`` footer metadata
+(plus ``hw.part`` = "i/n"), so Polars (``pl.scan_parquet("manifest/*.parquet")`` or the folder),
+DuckDB (``read_parquet('manifest/*.parquet')``) and pyarrow (``pq.read_table("manifest")``) read
+the folder as one table in row order. :func:`pycore.manifest.read_manifest` reads a folder like a
+file; :func:`pycore.manifest.write_manifest` writes one when the output path ends with ``/``,
+is an existing folder or has no suffix. The folder is written atomically (built beside, then renamed).
+:func:`iter_parts` streams a folder part by part for work that does not need every row at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from pycore.errors import ManifestError
+from pycore.io import atomic_dir
+
+#: Rows per part when writing a folder (about 100-300 MB of manifest for hw's columns).
+PART_ROWS = 1_000_000
+PART_GLOB = "part-*.parquet"
+
+
+def wants_parts(path: str | os.PathLike[str]) -> bool:
+    """An output path names a folder of parts: it ends with a separator, is a folder, or has no
+    suffix at all (``--out manifest`` → ``manifest/part-*.parquet``; ``--out m.parquet`` → one file)."""
+    s = os.fspath(path)
+    return s.endswith(("/", os.sep)) or os.path.isdir(s) or Path(s).suffix == ""
+
+
+def check_manifest_out(out: str | os.PathLike[str], *, inputs=(), overwrite: bool = False,
+                       option: str = "--out") -> str:  # fmt: skip
+    """:func:`pycore.checks.check_output` for a manifest output: a folder of parts when
+    :func:`wants_parts` says so (returned with a trailing ``/`` so it stays one), else one file."""
+    from pycore.checks import check_output
+
+    folder = wants_parts(out)
+    got = check_output(out, inputs=inputs, overwrite=overwrite, folder=folder, option=option)
+    assert got is not None
+    return os.fspath(got) + "/" if folder else os.fspath(got)
+
+
+def is_manifest_folder(path: str | os.PathLike[str]) -> bool:
+    """A folder whose first Parquet part carries hw's schema version (a folder of parts)."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        f = part_files(path)[0]
+        return "hw.schema_version" in pl.read_parquet_metadata(f)
+    except (ManifestError, pl.exceptions.PolarsError, OSError):
+        return False
+
+
+def part_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The parts of a manifest folder, in order; an error when there are none."""
+    p = Path(folder)
+    files = sorted(q for q in p.glob("*.parquet") if not q.name.startswith((".", "_")))
+    if not files:
+        raise ManifestError(f"manifest folder {p} holds no .parquet parts")
+    return files
+
+
+def read_parts(folder: str | os.PathLike[str]) -> pl.DataFrame:
+    """All parts as one frame (row order: part order, then rows)."""
+    files = part_files(folder)
+    try:
+        return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+    except (pl.exceptions.PolarsError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ManifestError(f"cannot read manifest folder {folder}: {first}") from None
+
+
+def iter_parts(folder: str | os.PathLike[str]) -> Iterator[tuple[Path, pl.DataFrame]]:
+    """(part file, its rows) one part at a time: memory bounded by the largest part."""
+    for f in part_files(folder):
+        try:
+            yield f, pl.read_parquet(f)
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise ManifestError(f"cannot read manifest part {f}: {str(e).strip().splitlines()[0]}") from None
+
+
+def first_part(folder: str | os.PathLike[str]) -> Path:
+    return part_files(folder)[0]
+
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def write_parts(frame: pl.DataFrame, folder: str | os.PathLike[str], meta: dict[str, str], *,
+                overwrite: bool = False, part_rows: int | None = None) -> list[Path]:  # fmt: skip
+    """Write ``frame`` as a folder of parts of ``part_rows`` rows (:data:`PART_ROWS` by default;
+    at least one part)."""
+    part_rows = PART_ROWS if part_rows is None else part_rows
+    if part_rows < 1:
+        raise ManifestError("part_rows must be 1 or more")
+    target = Path(os.fspath(folder).rstrip("/" + os.sep) or ".")
+    if target.exists() and not target.is_dir():
+        raise ManifestError(f"{target} is a file; a folder of manifest parts cannot replace it")
+    n = max(1, -(-frame.height // part_rows))
+    with atomic_dir(target, overwrite=overwrite) as tmp:
+        for i in range(n):
+            part = frame.slice(i * part_rows, part_rows)
+            part.write_parquet(tmp / part_name(i), metadata={**meta, "hw.part": f"{i + 1}/{n}"})
+    return [target / part_name(i) for i in range(n)]
