@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import BarProgress, Json, Out, Overwrite, Threads, console, print_json
+from cli.scale_options import Ray, RayWorkers
 
 HELP = """Find exact and near-duplicate images in a manifest (from `hw bucket`), mark which to keep,
 and measure each image's quality in the same pass.
@@ -73,6 +74,8 @@ def dedup(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write histograms of each statistic as one SVG file.", rich_help_panel=_OUT)] = None,
     apply: Annotated[str | None, typer.Option("--apply", help="move:DIR or symlink:DIR — move (or symlink) every image not kept into DIR/group-NNNNNN/. Never overwrites.", rich_help_panel=_OUT)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --apply: print what would be moved, touch nothing (the manifest is still written).", rich_help_panel=_OUT)] = False,
+    ray: Ray = None,
+    ray_workers: RayWorkers = None,
     threads: Threads = None,
     json_out: Json = False,
     overwrite: Overwrite = False,
@@ -85,7 +88,7 @@ def dedup(
         keep_by=keep_by, keep_ascending=keep_ascending, max_group_size=max_group_size, stats=stats, quality=quality,
         quality_z=quality_z, quality_thresholds=_threshold_pairs(flag_threshold or []), review=review,
         review_max_groups=review_max_groups, review_gallery=review_gallery, plot=plot, apply=apply, dry_run=dry_run,
-        threads=threads, overwrite=overwrite,
+        threads=threads, overwrite=overwrite, ray=ray, ray_workers=ray_workers,
     )  # fmt: skip
     with BarProgress(disable=json_out) as bar:
         res = run_dedup(req, bar)

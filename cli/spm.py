@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cli.common import BarProgress, console, print_json
+from cli.scale_options import Ray, RayWorkers
 from pycore.errors import HwError
 
 SCORE_HELP = """Score every image of a manifest against its prompt with a (step-aware) preference model.
@@ -62,12 +63,14 @@ def spm_score(
     column: Annotated[str, typer.Option("--column", help="Name of the score column to add.", rich_help_panel=IO)] = "spm_score",
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout.", rich_help_panel=IO)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output file and existing score columns.", rich_help_panel=IO)] = False,
+    ray: Ray = None,
+    ray_workers: RayWorkers = None,
 ) -> None:
     from pycore.spm.score import ScoreRequest, score_manifest
 
     req = ScoreRequest(manifest=manifest, out=out, prompt_column=prompt_column, prompt=prompt, model=model, base=base,
                        processor=processor, timestep=timestep, column=column, dtype=dtype, device=device,
-                       batch_size=batch_size, overwrite=overwrite)  # fmt: skip
+                       batch_size=batch_size, overwrite=overwrite, ray=ray, ray_workers=ray_workers)  # fmt: skip
     with BarProgress(disable=json_out) as bar:
         result = score_manifest(req, progress=bar)
     if json_out:

@@ -226,20 +226,17 @@ class HashUnit:
 
     fast_min_side: int | None
     threads: int
+    stats: bool = False
 
     def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
         from pycore.sources import perceptual_hashes
 
-        r = perceptual_hashes(unit["refs"], self.fast_min_side, self.threads)
-        frame = pl.DataFrame({
-            "phash": pl.Series(r["phash"], dtype=pl.UInt64), "dhash": pl.Series(r["dhash"], dtype=pl.UInt64),
-            "ok": pl.Series(r["ok"], dtype=pl.Boolean), "error_kind": pl.Series(r["error_kind"], dtype=pl.String),
-            "error": pl.Series(r["error"], dtype=pl.String),
-        })  # fmt: skip
-        return frame, {}
+        r = perceptual_hashes(unit["refs"], self.fast_min_side, self.threads, stats=self.stats)
+        cols = {k: pl.Series(k, v, dtype=pl.String) if isinstance(v, list) else pl.Series(k, v) for k, v in r.items()}
+        return pl.DataFrame(list(cols.values())), {}
 
 
-def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: int, *, address: str,
+def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: int, stats: bool = False, *, address: str,
                       near: str | os.PathLike[str] | None = None, workers: int | None = None,
                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """:func:`pycore.sources.perceptual_hashes` over Ray: the same columns, in input order."""
@@ -253,13 +250,12 @@ def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: i
 
     step.done = 0  # type: ignore[attr-defined]
     with session(address, num_cpus=workers), parts_folder(near) as d:
-        res = run_units(HashUnit(fast_min_side, threads), [{"refs": c} for c in chunks], parts_dir=d,
+        res = run_units(HashUnit(fast_min_side, threads, stats), [{"refs": c} for c in chunks], parts_dir=d,
                         workers=workers, progress=step)  # fmt: skip
     f = res.frame()
     if f.height != len(refs):
         raise HwError(f"the Ray job returned {f.height} hashes for {len(refs)} images")
-    return {"phash": f["phash"].to_numpy(), "dhash": f["dhash"].to_numpy(), "ok": f["ok"].to_numpy(),
-            "error_kind": f["error_kind"].to_list(), "error": f["error"].to_list()}  # fmt: skip
+    return {c: (f[c].to_list() if f[c].dtype == pl.String else f[c].to_numpy()) for c in f.columns}
 
 
 #: Models loaded by this worker process, so a process that runs many units loads each once.
@@ -281,17 +277,18 @@ class ScoreUnit:
     def load(self) -> Any:
         key = (self.model, self.base, self.processor, self.dtype, self.device)
         if key not in _MODELS:
-            from pycore.spo.preference import StepAwarePreferenceModel, parse_dtype
+            from pycore.checks import parse_dtype
+            from pycore.spm.checkpoints import load_spm
 
-            spm = StepAwarePreferenceModel.from_pretrained(self.model, base=self.base, processor=self.processor,
-                                                           dtype=parse_dtype(self.dtype), device=self.device)  # fmt: skip
+            spm = load_spm(self.model, base=self.base, processor=self.processor, dtype=parse_dtype(self.dtype),
+                           device=self.device)  # fmt: skip
             spm.requires_grad_(False)
             _MODELS.clear()
             _MODELS[key] = spm
         return _MODELS[key]
 
     def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
-        from pycore.spo.spm_data import score_files
+        from pycore.spm.score import score_files
 
         s, e = score_files(self.load(), unit["refs"], unit["prompts"], timestep=self.timestep, batch_size=self.batch_size)
         return pl.DataFrame({"score": pl.Series(s, dtype=pl.Float64), "error": pl.Series(e, dtype=pl.String)}), {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,21 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {k[3:]: v for k, v in meta.items() if k.startswith("hw.") and k != "hw.part"}
 
 
+def prepare_write(frame: pl.DataFrame, metadata: Mapping[str, object] | None) -> tuple[pl.DataFrame, dict[str, str]]:
+    """The frame as written (validated, known columns first) and its ``hw.*`` footer metadata."""
+    frame = validate(frame)
+    unknown = unknown_statuses(frame)
+    if unknown:
+        raise ManifestError(f"status value(s) {', '.join(map(repr, unknown))} are not image statuses "
+                            f"(known: {', '.join(STATUSES)})")  # fmt: skip
+    known = [c for c in COLUMNS if c in frame.columns]
+    frame = frame.select(known + [c for c in frame.columns if c not in COLUMNS])
+    meta = {"hw.schema_version": SCHEMA_VERSION}
+    for k, v in (metadata or {}).items():
+        meta[f"hw.{k}"] = v if isinstance(v, str) else json.dumps(v)
+    return frame, meta
+
+
 def write_manifest(
     frame: pl.DataFrame,
     path: str | os.PathLike[str],
@@ -227,16 +242,7 @@ def write_manifest(
     status outside :data:`STATUSES`. A ``path`` ending with ``/``, an existing folder or a path
     without a suffix is written as a folder of parts (:mod:`pycore.manifest_parts`) of
     ``part_rows`` rows."""
-    frame = validate(frame)
-    unknown = unknown_statuses(frame)
-    if unknown:
-        raise ManifestError(f"status value(s) {', '.join(map(repr, unknown))} are not image statuses "
-                            f"(known: {', '.join(STATUSES)})")  # fmt: skip
-    known = [c for c in COLUMNS if c in frame.columns]
-    frame = frame.select(known + [c for c in frame.columns if c not in COLUMNS])
-    meta = {"hw.schema_version": SCHEMA_VERSION}
-    for k, v in (metadata or {}).items():
-        meta[f"hw.{k}"] = v if isinstance(v, str) else json.dumps(v)
+    frame, meta = prepare_write(frame, metadata)
     from pycore.manifest_parts import wants_parts, write_parts
 
     if wants_parts(path):
@@ -254,6 +260,19 @@ class Manifest:
     frame: pl.DataFrame
     meta: dict[str, str] = field(default_factory=dict)
     source: Path | None = None
+
+    @classmethod
+    def parts(cls, path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> Iterator[Manifest]:
+        """A manifest folder one part at a time (each a :class:`Manifest` with the folder's
+        metadata), for commands that stream instead of holding every row; a file is one part."""
+        meta = {k: v for k, v in read_metadata(path).items() if k != "schema_version"}
+        if not os.path.isdir(path):
+            yield cls.read(path, required)
+            return
+        from pycore.manifest_parts import iter_parts
+
+        for f, frame in iter_parts(path):
+            yield cls(validate(frame, required, source=f"manifest part {f}"), dict(meta), Path(path))
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> Manifest:

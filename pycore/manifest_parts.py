@@ -91,6 +91,37 @@ def part_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
+class PartsWriter:
+    """Write a folder of parts one part at a time (streaming commands): the folder is built beside
+    the target and renamed into place by :meth:`close` (nothing is left on an error)::
+
+        with PartsWriter("out/", n_parts, overwrite=False) as w:
+            for m in Manifest.parts("in/"):
+                w.write(m.derive(work(m.frame), "command", updates))
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], n_parts: int, *, overwrite: bool = False) -> None:
+        self.target = Path(os.fspath(folder).rstrip("/" + os.sep) or ".")
+        if self.target.exists() and not self.target.is_dir():
+            raise ManifestError(f"{self.target} is a file; a folder of manifest parts cannot replace it")
+        self.n, self.i, self.overwrite = n_parts, 0, overwrite
+        self._cm = atomic_dir(self.target, overwrite=overwrite)
+
+    def __enter__(self) -> PartsWriter:
+        self.tmp = self._cm.__enter__()
+        return self
+
+    def write(self, manifest) -> None:  # noqa: ANN001 (pycore.manifest.Manifest; imported lazily)
+        from pycore.manifest import prepare_write
+
+        frame, meta = prepare_write(manifest.frame, manifest.meta)
+        frame.write_parquet(self.tmp / part_name(self.i), metadata={**meta, "hw.part": f"{self.i + 1}/{self.n}"})
+        self.i += 1
+
+    def __exit__(self, *exc) -> bool | None:  # noqa: ANN002
+        return self._cm.__exit__(*exc)
+
+
 def write_parts(frame: pl.DataFrame, folder: str | os.PathLike[str], meta: dict[str, str], *,
                 overwrite: bool = False, part_rows: int | None = None) -> list[Path]:  # fmt: skip
     """Write ``frame`` as a folder of parts of ``part_rows`` rows (:data:`PART_ROWS` by default;

@@ -251,19 +251,26 @@ def row_offsets(frame: Any) -> list[int | None]:
     return frame["member_offset"].to_list()
 
 
-def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: int) -> dict[str, Any]:
+def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: int, stats: bool = False) -> dict[str, Any]:
     """``_rust.perceptual_hashes`` for any references: files are read in Rust by path, tar members
     and Parquet cells are read here and hashed from their bytes. Same columns, same order."""
     from pycore import _rust
 
     kinds = [parse_ref(r).kind for r in refs]
     if all(k == "file" for k in kinds):
-        return _rust.perceptual_hashes(list(refs), fast_min_side=fast_min_side, threads=threads)
+        return _rust.perceptual_hashes(list(refs), fast_min_side=fast_min_side, threads=threads, stats=stats)
     n = len(refs)
     out: dict[str, Any] = {
         "phash": np.zeros(n, np.uint64), "dhash": np.zeros(n, np.uint64), "ok": np.zeros(n, bool),
         "error_kind": [None] * n, "error": [None] * n,
     }  # fmt: skip
+    cols = ["phash", "dhash", "ok", "error_kind", "error"]
+    if stats:  # the columns' "unknown" values, as Rust gives them for a row that failed
+        for c in ("sharpness", "luma_mean", "luma_std", "clip_low", "clip_high", "colorfulness"):
+            out[c] = np.full(n, np.nan, np.float32)
+        out["grayscale"], out["jpeg_quality"] = np.zeros(n, bool), np.full(n, -1, np.int16)
+        cols += ["sharpness", "luma_mean", "luma_std", "clip_low", "clip_high", "colorfulness", "grayscale",
+                 "jpeg_quality"]  # fmt: skip
     files = [i for i, k in enumerate(kinds) if k == "file"]
     others = [i for i, k in enumerate(kinds) if k != "file"]
     bufs: list[bytes] = []
@@ -274,12 +281,14 @@ def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: i
             readable.append(i)
         except SourceError as e:
             out["error_kind"][i], out["error"][i] = e.kind, str(e)
-    for idx, res in ((files, _rust.perceptual_hashes([refs[i] for i in files], fast_min_side=fast_min_side, threads=threads) if files else None),
-                     (readable, _rust.perceptual_hashes_buffers(bufs, fast_min_side=fast_min_side, threads=threads) if bufs else None)):  # fmt: skip
+    for idx, res in ((files, _rust.perceptual_hashes([refs[i] for i in files], fast_min_side=fast_min_side,
+                                                     threads=threads, stats=stats) if files else None),
+                     (readable, _rust.perceptual_hashes_buffers(bufs, fast_min_side=fast_min_side, threads=threads,
+                                                                stats=stats) if bufs else None)):  # fmt: skip
         if res is None:
             continue
         for k, i in enumerate(idx):
-            for col in ("phash", "dhash", "ok", "error_kind", "error"):
+            for col in cols:
                 out[col][i] = res[col][k]
     return out
 

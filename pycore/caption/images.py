@@ -20,8 +20,10 @@ def load_rgb(path: str | os.PathLike[str], max_side: int = 768):
     """
     from PIL import Image, ImageOps
 
+    from pycore.sources import open_image
+
     try:
-        with Image.open(path) as im:
+        with open_image(os.fspath(path)) as im:  # a file, tar member or Parquet cell (pycore.sources)
             im.seek(0)  # first frame of animations
             if im.format == "JPEG" and max_side and min(im.size) > 2 * max_side:
                 im.draft("RGB", (im.size[0] // 2, im.size[1] // 2))  # let libjpeg downscale by 2^k for free

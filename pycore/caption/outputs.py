@@ -57,9 +57,18 @@ def write_sidecars(frame: pl.DataFrame, root: str | os.PathLike[str], *, overwri
         return rep
     paths = fs_paths(ok)
     caps = ok["caption"].to_list()
+    from pycore.sources import is_container_ref
+
     targets: dict[Path, list[int]] = {}
+    inside = 0
     for j, p in enumerate(paths):
+        if is_container_ref(p):  # a tar member or Parquet cell has no folder to write a .txt into
+            inside += 1
+            continue
         targets.setdefault(Path(p).with_suffix(".txt"), []).append(j)
+    if inside:
+        rep.errors.append(f"{inside} image(s) are stored inside tar shards or Parquet tables; no .txt written for them "
+                          "(the captions are in the manifest)")  # fmt: skip
     for txt, idx in targets.items():
         texts = {caps[j] for j in idx}
         if len(idx) > 1 and len(texts) > 1:

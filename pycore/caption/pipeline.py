@@ -49,11 +49,11 @@ def plan_rows(frame: pl.DataFrame, *, overwrite: bool = False, threads: int = 0)
     need_hash = [i for i in range(n) if status[i] == "ok" and not keys[i]]
     hashed = 0
     if need_hash:
-        from pycore import _rust
+        from pycore.sources import content_hashes  # files, tar members, Parquet cells
 
-        res = _rust.scan_files([paths[i] for i in need_hash], hash=True, threads=threads)
+        got = content_hashes([paths[i] for i in need_hash], threads=threads)
         for j, i in enumerate(need_hash):
-            h = res["content_hash"][j]
+            h = got[j]
             if h:
                 keys[i] = h
                 hashed += 1

@@ -129,7 +129,9 @@ def _check_outputs(req: CaptionRequest, src: Manifest) -> Path | None:
         if req.batch_export.exists() and not req.batch_export.is_dir():
             raise HwError(f"--batch-export {req.batch_export} is a file; this output is a folder")
         return None
-    check_output(req.out, inputs=[req.manifest], overwrite=req.overwrite)
+    from pycore.manifest_parts import check_manifest_out
+
+    check_manifest_out(req.out, inputs=[req.manifest], overwrite=req.overwrite)
     check_output(req.metadata, inputs=[req.manifest, req.out], overwrite=req.overwrite, option="--metadata")
     if not req.sidecar:
         return None

@@ -173,3 +173,32 @@ def report(
         problems=list(problems or []),
         off_grid=[f"{w}x{h}" for w, h in (off_grid or [])],
     )
+
+
+def merge_reports(reports: list[BucketReport], table: BucketTable) -> BucketReport:
+    """One report for a manifest bucketed part by part (the same counts :func:`report` gives for
+    the whole table at once)."""
+    if len(reports) == 1:
+        return reports[0]
+    counts: dict[tuple[int, int], int] = {}
+    rejected: dict[str, int] = {}
+    for r in reports:
+        for b in r.buckets:
+            counts[(b["width"], b["height"])] = counts.get((b["width"], b["height"]), 0) + b["count"]
+        for k, v in r.rejected.items():
+            rejected[k] = rejected.get(k, 0) + v
+    n_ok = sum(r.ok for r in reports)
+    sizes = list(table.sizes) + sorted(s for s in counts if s not in table.sizes)
+    buckets = [{"width": w, "height": h, "aspect": round(w / h, 4), "count": counts.get((w, h), 0),
+                "share": counts.get((w, h), 0) / n_ok if n_ok else 0.0, "in_table": (w, h) in table.sizes}
+               for w, h in sizes]  # fmt: skip
+    buckets.sort(key=lambda b: (-b["count"], b["aspect"]))
+    crop = sum(r.mean_crop_fraction * r.ok for r in reports) / n_ok if n_ok else 0.0
+    first = reports[0]
+    return BucketReport(
+        table=table.name, total_rows=sum(r.total_rows for r in reports), ok=n_ok,
+        rejected=dict(sorted(rejected.items(), key=lambda kv: -kv[1])), buckets=buckets,
+        upscaled=sum(r.upscaled for r in reports), flagged=sum(r.flagged for r in reports),
+        rotated=sum(r.rotated for r in reports), mean_crop_fraction=crop, skipped_files=first.skipped_files,
+        problems=first.problems, off_grid=first.off_grid,
+    )  # fmt: skip

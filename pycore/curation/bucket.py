@@ -173,6 +173,8 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
     meta: dict[str, object] = {"table": table.name, "table_sizes": [list(s) for s in table.sizes],
             "options": {k: v for k, v in vars(opts).items() if k != "threads"}, "source": str(src)}  # fmt: skip
     scan = _scan(req, src, opts.threads, progress)
+    if scan is None and _streams(req, src):
+        return _rebucket_parts(req, table, opts, meta, progress, t0)
     if scan is None:  # a manifest (file or folder of parts) to re-bucket
         prev = Manifest.read(src, required=("path", "status", "width", "height"))
         frame, skipped, problems, rescanned = prev.frame, {}, [], False
@@ -186,10 +188,7 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
     frame = assign(frame, table, opts)
     grid = off_grid(table, SDXL_MULTIPLE)
     rep = report(frame, table, skipped=skipped, problems=problems, off_grid=grid)
-    if grid and not warned_before:  # once per manifest: a re-bucket with the same table stays quiet
-        names = ", ".join(f"{w}x{h}" for w, h in grid)
-        warnings.warn(f"bucket table {table.name} has sizes that are not multiples of {SDXL_MULTIPLE} (SDXL wants "
-                      f"them): {names}; --snap {SDXL_MULTIPLE} rounds them", HwWarning, stacklevel=2)  # fmt: skip
+    _warn_off_grid(table, grid, warned_before)
     manifest = prev.derive(frame, "bucket", meta) if not rescanned else new_manifest(frame, "bucket", meta)
     manifest.write(req.out, overwrite=req.overwrite)
     result = BucketResult(rep, Path(req.out), rescanned, 0.0, frame=frame)
@@ -205,6 +204,52 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
                           stacklevel=2)  # fmt: skip
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _streams(req: BucketRequest, src: Path) -> bool:
+    """Re-bucket a folder of parts part by part (memory of one part) when the output is a folder
+    too and nothing needs every row at once (the kohya JSON does)."""
+    from pycore.manifest_parts import is_manifest_folder, wants_parts
+
+    return is_manifest_folder(src) and wants_parts(req.out) and req.export_kohya is None
+
+
+def _rebucket_parts(req: BucketRequest, table: BucketTable, opts: BucketOptions, meta: dict[str, object],
+                    progress: Progress | None, t0: float) -> BucketResult:  # fmt: skip
+    """``bucket`` for a manifest folder written to a folder: one part in memory at a time."""
+    from pycore.curation.assign import assign, merge_reports, report
+    from pycore.curation.tables import off_grid
+    from pycore.manifest import Manifest
+    from pycore.manifest_parts import PartsWriter, part_files
+
+    n = len(part_files(req.source))
+    grid = off_grid(table, SDXL_MULTIPLE)
+    reports, warned_before = [], True
+    if progress is not None:
+        progress.stage("re-bucketing parts", n, "parts")
+    with PartsWriter(req.out, n, overwrite=req.overwrite) as w:
+        for m in Manifest.parts(req.source, required=("path", "status", "width", "height")):
+            warned_before = m.get("table") == table.name
+            frame = assign(m.frame, table, opts)
+            reports.append(report(frame, table, off_grid=grid))
+            w.write(m.derive(frame, "bucket", meta))
+            if progress is not None:
+                progress.advance(1)
+    rep = merge_reports(reports, table)
+    _warn_off_grid(table, grid, warned_before)
+    result = BucketResult(rep, Path(req.out), False, 0.0)
+    if req.plot is not None:
+        plot(rep, req.plot, overwrite=req.overwrite)
+        result.plot = Path(req.plot)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _warn_off_grid(table: BucketTable, grid: list[tuple[int, int]], warned_before: bool) -> None:
+    if grid and not warned_before:  # once per manifest: a re-bucket with the same table stays quiet
+        names = ", ".join(f"{w}x{h}" for w, h in grid)
+        warnings.warn(f"bucket table {table.name} has sizes that are not multiples of {SDXL_MULTIPLE} (SDXL wants "
+                      f"them): {names}; --snap {SDXL_MULTIPLE} rounds them", HwWarning, stacklevel=3)  # fmt: skip
 
 
 def _scan(req: BucketRequest, src: Path, threads: int, progress: Progress | None) -> ScanResult | None:

@@ -201,8 +201,10 @@ def load_image(src: Any, resolution: int):
     import torch
     from PIL import Image, ImageOps
 
-    try:
-        im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+    from pycore.sources import open_image
+
+    try:  # a path may name a file, a tar member or a Parquet cell (pycore.sources)
+        im = Image.open(io.BytesIO(src)) if isinstance(src, bytes) else open_image(os.fspath(src))
         im = ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageDecodeError(f"cannot decode image: {type(e).__name__}") from None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycore.checks import check_int, check_output, dtype_name, parse_device
+from pycore.checks import check_int, dtype_name, parse_device
 from pycore.errors import HwError, HwWarning, NothingDone, first_line
 from pycore.progress import NO_PROGRESS, Progress
 from pycore.spm.model import DEFAULT_BASE
@@ -47,8 +47,13 @@ class ScoreRequest:
     device: str = "auto"  #: auto, cpu, cuda, cuda:N, mps
     batch_size: int = 16
     overwrite: bool = False  #: replace an existing output file and existing score columns
+    ray: str | None = None  #: score on Ray at this address (pycore.distributed); the model loads once per worker
+    ray_workers: int | None = None  #: with ray: at most this many concurrent tasks
 
     def __post_init__(self) -> None:
+        from pycore.distributed import address_from
+        from pycore.manifest_parts import check_manifest_out
+
         if (self.prompt_column is None) == (self.prompt is None):
             raise HwError("pass exactly one of --prompt-column and --prompt")
         if self.prompt is not None and not self.prompt.strip():
@@ -60,7 +65,10 @@ class ScoreRequest:
         self.dtype = dtype_name(self.dtype)
         self.device = parse_device(self.device)
         self.manifest, self.out = Path(self.manifest), Path(self.out)
-        check_output(self.out, inputs=[self.manifest], overwrite=self.overwrite)
+        check_manifest_out(self.out, inputs=[self.manifest], overwrite=self.overwrite)
+        self.ray = address_from(self.ray)
+        if self.ray_workers is not None:
+            check_int("--ray-workers", self.ray_workers, 1, 4096)
 
     @property
     def error_column(self) -> str:
@@ -108,15 +116,16 @@ def _prompts(frame: Any, req: ScoreRequest) -> list[str | None]:
 
 
 def read_image_tensor(path: str) -> Any:
-    """A file → [3, H, W] fp32 tensor in [-1, 1] (EXIF orientation applied, RGB)."""
+    """An image reference → [3, H, W] fp32 tensor in [-1, 1] (EXIF orientation applied, RGB)."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
+    from pycore.sources import open_image
     from pycore.spm.data import ImageDecodeError
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # a file, tar member or Parquet cell (pycore.sources)
             im = ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {first_line(e)}") from None
@@ -154,13 +163,31 @@ def score_files(model: Any, paths: list[str], prompts: list[str | None], *, time
     return scores, errors
 
 
+def _score(req: ScoreRequest, dt: Any, paths: list[str], prompts: list[str | None],
+           progress: Progress) -> tuple[list[float | None], list[str | None]]:  # fmt: skip
+    """Score locally (the model loaded here) or as a Ray Data job (the model loaded once per worker)."""
+    from pycore.spm.checkpoints import load_spm
+
+    if req.ray:
+        from pycore import distributed
+
+        unit = distributed.ScoreUnit(req.model, req.base, req.processor, req.dtype, req.device, req.timestep,
+                                     req.batch_size)  # fmt: skip
+        progress.stage("scoring on Ray", len(paths), "img")
+        return distributed.score(paths, prompts, unit, address=req.ray, workers=req.ray_workers, progress=progress.advance)
+    progress.stage("loading model", None)
+    spm = load_spm(req.model, base=req.base, processor=req.processor, dtype=dt, device=req.device)
+    spm.requires_grad_(False)
+    progress.stage("scoring", len(paths), "img")
+    return score_files(spm, paths, prompts, timestep=req.timestep, batch_size=req.batch_size, progress=progress)
+
+
 def score_manifest(req: ScoreRequest, progress: Progress = NO_PROGRESS) -> ScoreResult:
     """Score ``req.manifest`` and write ``req.out``; raises NothingDone when no image could be scored."""
     import polars as pl
 
     from pycore.checks import parse_dtype
     from pycore.manifest import Manifest, fs_paths
-    from pycore.spm.checkpoints import load_spm
 
     t0 = time.perf_counter()
     m = Manifest.read(req.manifest)
@@ -174,17 +201,12 @@ def score_manifest(req: ScoreRequest, progress: Progress = NO_PROGRESS) -> Score
     dt = parse_dtype(req.dtype)
     if req.device == "cpu" and req.dtype == "float16":
         warnings.warn("fp16 on CPU is slow and not supported by every op; use fp32 or bf16 on CPU", HwWarning, stacklevel=2)
-    progress.stage("loading model", None)
-    spm = load_spm(req.model, base=req.base, processor=req.processor, dtype=dt, device=req.device)
-    spm.requires_grad_(False)
 
     paths, statuses = fs_paths(frame), frame["status"].to_list()
     idx = [i for i, s in enumerate(statuses) if s not in UNREADABLE_STATUSES]
     scores: list[float | None] = [None] * frame.height
     errors: list[str | None] = [f"status {s}" if s in UNREADABLE_STATUSES else None for s in statuses]
-    progress.stage("scoring", len(idx), "img")
-    s, e = score_files(spm, [paths[i] for i in idx], [prompts[i] for i in idx], timestep=req.timestep,
-                       batch_size=req.batch_size, progress=progress)  # fmt: skip
+    s, e = _score(req, dt, [paths[i] for i in idx], [prompts[i] for i in idx], progress)
     for k, i in enumerate(idx):
         scores[i], errors[i] = s[k], e[k]
     frame = frame.with_columns(pl.Series(req.column, scores, dtype=pl.Float32), pl.Series(req.error_column, errors, dtype=pl.String))

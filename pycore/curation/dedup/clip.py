@@ -19,7 +19,7 @@ def clip_embeddings(
 ) -> tuple[np.ndarray, list[str | None]]:
     """L2-normalised open_clip image embeddings (rows of zeros and an error where a file fails)."""
     import torch
-    from PIL import Image
+    from pycore.sources import open_image
 
     embs: list[np.ndarray | None] = [None] * len(paths)
     errors: list[str | None] = [None] * len(paths)
@@ -31,7 +31,7 @@ def clip_embeddings(
         idx, tensors = [], []
         for i in range(start, min(start + batch_size, len(paths))):
             try:
-                with Image.open(paths[i]) as im:
+                with open_image(paths[i]) as im:  # a file, tar member or Parquet cell
                     tensors.append(preprocess(im.convert("RGB")))
                 idx.append(i)
             except Exception as e:  # noqa: BLE001 - a bad file is a row with a reason

@@ -34,9 +34,10 @@ def popcount64(x: np.ndarray) -> np.ndarray:
 def _pillow_hashes(path: str) -> tuple[int, int]:
     """imagehash itself (the reference), for files the Rust decoders do not handle."""
     import imagehash
-    from PIL import Image
 
-    with Image.open(path) as im:
+    from pycore.sources import open_image
+
+    with open_image(path) as im:  # a file, tar member or Parquet cell
         im.load()
         return int(str(imagehash.phash(im)), 16), int(str(imagehash.dhash(im)), 16)
 
@@ -79,16 +80,26 @@ def _fallback(path: str, out: HashBatch, i: int, want_stats: bool) -> None:
 def hash_paths(paths: Sequence[str], opts: DedupOptions, progress: Progress = NO_PROGRESS, chunk: int = 2048) -> HashBatch:
     """Hashes (and with ``opts.stats`` the quality statistics) of each path, Rust first, Pillow
     for the formats Rust does not decode. Ctrl-C stops the Rust workers between files
-    (KeyboardInterrupt is raised here)."""
-    from pycore import _rust
+    (KeyboardInterrupt is raised here). Paths may name tar members and Parquet cells
+    (:mod:`pycore.sources`); with ``opts.ray`` the hashing is one Ray Data job
+    (:mod:`pycore.distributed`), the Pillow fallbacks stay here."""
+    from pycore.sources import perceptual_hashes
 
     n = len(paths)
     out = HashBatch(np.zeros(n, np.uint64), np.zeros(n, np.uint64), [None] * n, [None] * n,
                     _empty_stats(n) if opts.stats else {})  # fmt: skip
     fast = opts.fast_min_side if opts.hash_mode == "fast" else None
+    if opts.ray:
+        from functools import partial
+
+        from pycore import distributed
+
+        chunk = max(n, 1)
+        perceptual_hashes = partial(distributed.perceptual_hashes, address=opts.ray,  # type: ignore[assignment]
+                                    workers=opts.ray_workers, progress=progress.advance)  # fmt: skip
     for start in range(0, n, chunk):
         part = list(paths[start : start + chunk])
-        r = _rust.perceptual_hashes(part, fast_min_side=fast, threads=opts.threads, stats=opts.stats)
+        r = perceptual_hashes(part, fast, opts.threads, stats=opts.stats)
         sl = slice(start, start + len(part))
         out.phash[sl], out.dhash[sl] = r["phash"], r["dhash"]
         for key, col in RUST_KEYS.items() if opts.stats else ():
@@ -99,7 +110,8 @@ def hash_paths(paths: Sequence[str], opts: DedupOptions, progress: Progress = NO
                 out.status[i], out.error[i] = r["error_kind"][k], r["error"][k]
             else:
                 _fallback(paths[i], out, i, opts.stats)
-        progress.advance(len(part))
+        if not opts.ray:  # the Ray job reports its own progress per unit
+            progress.advance(len(part))
     return out
 
 

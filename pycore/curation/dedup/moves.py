@@ -35,8 +35,14 @@ def plan_moves(frame: pl.DataFrame, folder: Path) -> list[tuple[int, str, Path]]
     (a numbered name is chosen instead): DIR/group-NNNNNN/name."""
     from pycore.manifest import fs_paths
 
+    from pycore.sources import is_container_ref
+
     paths = fs_paths(frame)
     rows = np.flatnonzero((frame["keep"] == False).fill_null(False).to_numpy())  # noqa: E712
+    inside = [paths[r] for r in rows if is_container_ref(paths[r])]
+    if inside:
+        raise HwError(f"--apply cannot move images stored inside tar shards or Parquet tables ({inside[0]}); "
+                      "filter the manifest on its keep column instead")  # fmt: skip
     groups = frame["dup_group"].to_list()
     taken: set[Path] = set()
     return [(int(r), paths[r], _free_name(folder / f"group-{groups[r]:06d}", os.path.basename(paths[r]), taken))

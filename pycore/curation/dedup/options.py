@@ -38,6 +38,8 @@ class DedupOptions:
     threads: int = 0  #: worker threads (0 = one per core)
 
     stats: bool = True  #: quality statistics from the same decode (columns q_*)
+    ray: str | None = None  #: hash on Ray at this address (pycore.distributed); grouping stays global
+    ray_workers: int | None = None  #: with ray: at most this many concurrent tasks
 
     def __post_init__(self) -> None:
         self.threshold = check_int("--threshold", self.threshold, 0, 32, "bits of the 64-bit phash")

@@ -131,9 +131,9 @@ def estimate_jpeg_quality(luma_table: np.ndarray) -> int:
 
 def pillow_stats(path: str) -> dict[str, Any]:
     """:func:`image_stats` of a file Pillow opens (the fallback for formats Rust does not decode)."""
-    from PIL import Image
+    from pycore.sources import open_image
 
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         q = None
         tables = getattr(im, "quantization", None)

@@ -11,10 +11,10 @@ import numpy as np
 import polars as pl
 
 def _thumb(path: str, size: int) -> str | None:
-    from PIL import Image
+    from pycore.sources import open_image
 
     try:
-        with Image.open(path) as src:
+        with open_image(path) as src:
             src.draft("RGB", (size, size))
             im = src.convert("RGB")
             im.thumbnail((size, size))

@@ -23,6 +23,7 @@ from pycore.curation.dedup import groups, hashing, moves, outliers, quality
 from pycore.curation.dedup.options import DEFAULT_THRESHOLD, KEEP_POLICY, DedupOptions, DedupReport
 from pycore.errors import HwError, HwWarning, NothingDone
 from pycore.progress import NO_PROGRESS, Progress
+from pycore.manifest_parts import check_manifest_out
 
 #: Largest --review-max-groups / --review-gallery (a page with more would not open in a browser).
 MAX_REVIEW_ITEMS = 100_000
@@ -57,9 +58,16 @@ class DedupRequest:
     dry_run: bool = False
     threads: int | None = None
     overwrite: bool = False
+    ray: str | None = None  #: hash on Ray at this address ("local", "auto", HOST:PORT); grouping stays global
+    ray_workers: int | None = None  #: with ray: at most this many concurrent tasks
 
     def __post_init__(self) -> None:
+        from pycore.distributed import address_from
+
         self.manifest, self.out = Path(self.manifest), Path(self.out)
+        self.ray = address_from(self.ray)
+        if self.ray_workers is not None:
+            check_int("--ray-workers", self.ray_workers, 1, 4096)
         self.batch_size = check_int("--batch-size", self.batch_size, 1, 4096)
         self.review_max_groups = check_int("--review-max-groups", self.review_max_groups, 1, MAX_REVIEW_ITEMS)
         self.review_gallery = check_int("--review-gallery", self.review_gallery, 0, MAX_REVIEW_ITEMS)
@@ -81,7 +89,8 @@ class DedupRequest:
         return DedupOptions(threshold=DEFAULT_THRESHOLD if self.threshold is None else self.threshold,
                             hash_mode=self.hash_mode, method=self.method, clip_threshold=self.clip_threshold,
                             keep_by=self.keep_by, keep_ascending=self.keep_ascending,
-                            max_group_size=self.max_group_size, threads=threads, stats=self.stats)  # fmt: skip
+                            max_group_size=self.max_group_size, threads=threads, stats=self.stats,
+                            ray=self.ray, ray_workers=self.ray_workers)  # fmt: skip
 
 
 @dataclass
@@ -119,7 +128,7 @@ def check_apply_target(action: str, folder: Path) -> None:
 
 def _check_outputs(req: DedupRequest) -> tuple[str, Path] | None:
     inputs = [req.manifest]
-    check_output(req.out, inputs=inputs, overwrite=req.overwrite, option="--out")
+    check_manifest_out(req.out, inputs=inputs, overwrite=req.overwrite)
     check_output(req.review, inputs=inputs, overwrite=req.overwrite, option="--review")
     check_output(req.plot, inputs=inputs, overwrite=req.overwrite, option="--plot")
     outs = [p.resolve() for p in (req.out, req.review, req.plot) if p is not None]
