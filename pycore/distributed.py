@@ -34,7 +34,7 @@ from typing import Any
 
 import polars as pl
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 
 ENV = "HW_RAY_ADDRESS"
 #: Files per unit when a folder of loose images or a manifest's rows are split for Ray.
@@ -54,9 +54,16 @@ def address_from(option: str | None) -> str | None:
 def _import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise HwError("--ray needs Ray: pip install 'hw[ray]'") from None
+    import logging
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # hw shows its own progress (the units' summaries)
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return ray
 
 
@@ -75,7 +82,7 @@ def session(address: str, num_cpus: int | None = None) -> Iterator[Any]:
     try:
         ray.init(**kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise HwError(f"cannot start or reach Ray at {address}: {str(e).strip().splitlines()[0]}") from None
+        raise HwError(f"cannot start or reach Ray at {address}: {first_line(e)}") from None
     try:
         yield ray
     finally:
@@ -144,7 +151,7 @@ def run_units(
         cause = getattr(e, "cause", None) or e
         if isinstance(cause, HwError):
             raise HwError(str(cause)) from None
-        raise HwError(f"the Ray job failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from None
+        raise HwError(f"the Ray job failed: {type(cause).__name__}: {first_line(cause)}") from None
     lost = [k for k in range(len(units)) if k not in extras or not os.path.exists(_part(folder, k))]
     if lost:
         raise HwError(f"the Ray job finished without {len(lost)} of {len(units)} unit(s) (first: {units[lost[0]]})")

@@ -26,10 +26,15 @@ PART_GLOB = "part-*.parquet"
 
 
 def wants_parts(path: str | os.PathLike[str]) -> bool:
-    """An output path names a folder of parts: it ends with a separator, is a folder, or has no
-    suffix at all (``--out manifest`` → ``manifest/part-*.parquet``; ``--out m.parquet`` → one file)."""
+    """An output path names a folder of parts: it ends with a separator, has no suffix at all
+    (``--out manifest`` → ``manifest/part-*.parquet``; ``--out m.parquet`` → one file), or is an
+    existing manifest folder. Any other existing folder is never taken for one (it is the user's:
+    writing there is refused as for a file output)."""
     s = os.fspath(path)
-    return s.endswith(("/", os.sep)) or os.path.isdir(s) or Path(s).suffix == ""
+    if os.path.isdir(s):
+        with os.scandir(s) as it:
+            return is_manifest_folder(s) or next(it, None) is None  # an empty folder made for it
+    return s.endswith(("/", os.sep)) or Path(s).suffix == ""
 
 
 def check_manifest_out(out: str | os.PathLike[str], *, inputs=(), overwrite: bool = False,

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+
+# Any Ray started by a test (and every Ray process it spawns) binds to 127.0.0.1 only: Ray reads
+# this when it is imported, so it is set before any test module can import ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 from dataclasses import dataclass
 from pathlib import Path
 

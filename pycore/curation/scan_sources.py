@@ -47,7 +47,7 @@ class _Rows:
         for k, v in cols.items():
             self.cols.setdefault(k, []).append(np.asarray(v) if isinstance(v, np.ndarray) else list(v))
         self.offsets += offsets
-        for k in set(self.extra) | set(extra):
+        for k in [*self.extra, *(k for k in extra if k not in self.extra)]:  # a fixed column order
             self.extra.setdefault(k, [None] * n0).extend(extra.get(k, [None] * len(paths)))
 
     def problem_row(self, path: str, status: str, error: str) -> None:
