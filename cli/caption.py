@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import BarProgress, Json, Overwrite, Threads, console, print_json, warn
+from cli.scale_options import Ray, RayWorkers
 
 HELP = (
     "Caption the images of a manifest in HelloWorld 7.0's structure: one-sentence summary, element tags, "
@@ -86,6 +87,8 @@ def caption(
     batch_export: Annotated[Path | None, typer.Option("--batch-export", help="Write OpenAI Batch API JSONL request files to this folder instead of calling the API.", rich_help_panel=RUN)] = None,
     batch_import: Annotated[list[Path] | None, typer.Option("--batch-import", help="Read Batch API result JSONL file(s) into the store and the manifest.", rich_help_panel=RUN)] = None,
     threads: Threads = None,
+    ray: Ray = None,
+    ray_workers: RayWorkers = None,
 ) -> None:
     from pycore.caption.request import CaptionRequest
     from pycore.caption.run import NothingCaptioned, caption_manifest
@@ -99,7 +102,7 @@ def caption(
                          tags=tags or (), styles=styles or (), n_tags=n_tags, summary_tokens=summary_tokens, device=device,
                          batch_size=batch_size, store=store_dir, retry_failed=retry_failed, limit=limit, batch_export=batch_export,
                          batch_import=batch_import or (), sidecar=sidecar, root=root, metadata=metadata, threads=threads,
-                         overwrite=overwrite)  # fmt: skip
+                         overwrite=overwrite, ray=ray, ray_workers=ray_workers)  # fmt: skip
     try:
         with BarProgress(disable=json_out) as bar:
             res = caption_manifest(req, progress=bar)

@@ -318,3 +318,105 @@ def score(refs: Sequence[str], prompts: Sequence[str | None], unit: ScoreUnit, *
     if f.height != len(refs):
         raise HwError(f"the Ray job returned {f.height} scores for {len(refs)} images")
     return f["score"].to_list(), f["error"].to_list()
+
+
+# ---- captioning --------------------------------------------------------------------------------
+
+#: Images per captioning unit: small enough that a retried unit re-reads little, large enough
+#: that a unit keeps a server's concurrency busy.
+CAPTION_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class CaptionUnit:
+    """``hw caption`` of a chunk of (content hash, image reference) items on a worker.
+
+    Results go straight into the caption store (``pycore.caption.store``) as the local run writes
+    them — one fsync'd JSON line per answer, in shard files tagged with the unit — so nothing a
+    worker finished is lost when it or the driver is killed; a retried unit first reads back its
+    own tagged shards and asks only for what is missing. The API key is never part of the unit
+    (nor of anything Ray stores or logs): the worker reads it from its own environment variable
+    ``api_key_env``, inherited from the process that started Ray (``--ray local``) or set on
+    each node when the node was started (a cluster)."""
+
+    backend: str  #: openai or openclip
+    config: Any  #: OpenAIConfig / OpenClipConfig (plain settings, no secrets)
+    job: str
+    store_dir: str
+    api_key_env: str = "OPENAI_API_KEY"
+
+    def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+        from pycore.caption.store import ResultStore
+
+        store = ResultStore(self.store_dir, self.job, tag=f"u{int(unit['k']):06d}")
+        done = store.load_tagged()
+        items = [(k, p) for k, p in unit["items"] if k not in done]
+        pending: dict[str, str] = {}
+        counts = {"ok": 0, "failed": 0, "resumed": len(unit["items"]) - len(items)}
+
+        def keep(recs: list[dict[str, Any]]) -> None:
+            stored = [r for r in recs if r["status"] != "pending"]
+            pending.update((r["key"], r["error"]) for r in recs if r["status"] == "pending")
+            store.append_many(stored)
+            for r in stored:
+                counts[r["status"]] += 1
+
+        stats: dict[str, Any] = {}
+        with store:
+            if items and self.backend == "openai":
+                from pycore.caption.openai_backend import OpenAICaptioner
+
+                key = os.environ.get(self.api_key_env) or None
+                stats = OpenAICaptioner(self.config, key, job=self.job).run(items, lambda r: keep([r])).to_dict()
+            elif items:
+                stats = _openclip_captioner(self.config, self.job).run(items, keep) or {}
+        frame = pl.DataFrame({"key": list(pending), "error": list(pending.values())}, schema={"key": pl.String, "error": pl.String})
+        return frame, {**counts, "stats": stats}
+
+
+def _openclip_captioner(cfg: Any, job: str) -> Any:
+    """One open_clip captioner per worker process (the models load once)."""
+    key = ("openclip", job)
+    if key not in _MODELS:
+        from pycore.caption.openclip_backend import OpenClipCaptioner
+
+        _MODELS.clear()
+        _MODELS[key] = OpenClipCaptioner(cfg, job=job)
+    return _MODELS[key]
+
+
+@dataclass
+class CaptionRun:
+    """What the driver gathers from a captioning job."""
+
+    captioned: int = 0
+    failed: int = 0
+    resumed: int = 0  #: items a retried unit found already done in its own shards
+    pending: dict[str, str] = field(default_factory=dict)  #: key → transport error (not stored)
+    stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+def caption(items: Sequence[tuple[str, str]], unit: CaptionUnit, *, address: str, workers: int | None = None,
+            near: str | os.PathLike[str] | None = None, progress: Callable[[int], None] | None = None,
+            chunk: int = CAPTION_CHUNK) -> CaptionRun:  # fmt: skip
+    """Caption ``items`` (content hash, reference) as a Ray Data job, one unit per ``chunk``."""
+    units = [{"k": k, "items": [list(x) for x in items[i : i + chunk]]} for k, i in enumerate(range(0, len(items), chunk))]
+    sizes = [len(u["items"]) for u in units]
+    done = iter(sizes)
+
+    def step(_: int) -> None:
+        if progress:
+            progress(next(done, 0))
+
+    with session(address, num_cpus=workers), parts_folder(near) as d:
+        res = run_units(unit, units, parts_dir=d, workers=workers, progress=step)
+    out = CaptionRun()
+    for e in res.extras:
+        out.captioned += e["ok"]
+        out.failed += e["failed"]
+        out.resumed += e["resumed"]
+        out.stats.append(e["stats"])
+    f = res.frame()
+    if f.height:
+        out.pending = dict(zip(f["key"].to_list(), f["error"].to_list(), strict=True))
+    return out

@@ -32,8 +32,7 @@ def wants_parts(path: str | os.PathLike[str]) -> bool:
     writing there is refused as for a file output)."""
     s = os.fspath(path)
     if os.path.isdir(s):
-        with os.scandir(s) as it:
-            return is_manifest_folder(s) or next(it, None) is None  # an empty folder made for it
+        return is_manifest_folder(s)
     return s.endswith(("/", os.sep)) or Path(s).suffix == ""
 
 

@@ -91,3 +91,31 @@ def test_rebucket_streams_part_by_part_with_the_same_rows(hw, tmp_path, monkeypa
     meta = read_metadata(tmp_path / "again")
     assert meta["history"] == '["bucket", "bucket"]' and meta["table"] == "sdxl"
     assert whole.report.total_rows == got.report.total_rows
+
+
+def test_spm_score_streams_a_folder_of_parts(tmp_path, kit_spm, monkeypatch):
+    """spm-score over a folder of parts into a folder: part by part (never the whole table), the
+    same scores, rows and metadata as over the one-file manifest."""
+    from pycore.curation.bucket import BucketRequest, bucket
+    from pycore.spm.score import ScoreRequest, score_manifest
+
+    items = samples(7)
+    write_shards(tmp_path / "s", items, per_shard=3)
+    bucket(BucketRequest(tmp_path / "s", tmp_path / "one.parquet", table="sdxl"))
+    one = Manifest.read(tmp_path / "one.parquet")
+    write_manifest(one.frame, tmp_path / "parts", metadata=one.meta, part_rows=5)
+
+    def no_whole_read(*a, **k):
+        raise AssertionError("the whole table was read")
+
+    monkeypatch.setattr("pycore.manifest_parts.read_parts", no_whole_read)
+    common = {"prompt": "a photo", "model": str(kit_spm), "device": "cpu"}
+    got = score_manifest(ScoreRequest(tmp_path / "parts", tmp_path / "scored", **common))
+    monkeypatch.undo()
+    ref = score_manifest(ScoreRequest(tmp_path / "one.parquet", tmp_path / "scored.parquet", **common))
+    assert len(list((tmp_path / "scored").iterdir())) == 3
+    a, b = read_manifest(tmp_path / "scored"), read_manifest(tmp_path / "scored.parquet")
+    assert a.drop("spm_score").equals(b.drop("spm_score"))
+    assert all(x == y or abs(x - y) < 1e-5 for x, y in zip(a["spm_score"].fill_null(0), b["spm_score"].fill_null(0), strict=True))
+    assert (got.rows, got.scored, got.not_scored_reasons) == (ref.rows, ref.scored, ref.not_scored_reasons)
+    assert Manifest.read(tmp_path / "scored").history == ["bucket", "spm-score"]

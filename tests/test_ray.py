@@ -6,7 +6,12 @@ worker killed mid-job still ends with every row present exactly once."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import polars as pl
@@ -22,15 +27,37 @@ from tests.kit.shards import samples, write_loose, write_shards  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+#: A caption API key that must never be written anywhere (outputs, stores, Ray's session files).
+KEY_ENV = "HW_RAY_TEST_KEY"
+SECRET = "sk-hw-ray-" + uuid.uuid4().hex
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    """Ray on this machine: loopback only, its files in a fresh folder we can search afterwards;
+    the key in this process's environment before Ray starts, so the workers inherit it."""
+    os.environ[KEY_ENV] = SECRET
+    temp = tempfile.mkdtemp(prefix="hwray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=temp)
     try:
         gcs = ray.get_runtime_context().gcs_address
         assert gcs.startswith("127.0.0.1:"), gcs  # loopback only
-        yield
+        yield Path(temp)
     finally:
         ray.shutdown()
+        os.environ.pop(KEY_ENV, None)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    hits = []
+    for p in root.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+                hits.append(p)
+        except OSError:  # sockets, files Ray removes while we look
+            pass
+    return hits
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +140,82 @@ def test_spm_score_with_ray_equals_local(cluster, data, hw, kit_spm, tmp_path, m
     sa, sb = a["spm_score"].to_list(), b["spm_score"].to_list()
     assert [x is None for x in sa] == [x is None for x in sb] and sum(x is not None for x in sa) >= 10
     assert all(abs(x - y) < 1e-5 for x, y in zip(sa, sb, strict=True) if x is not None)
+
+
+def test_caption_with_ray_equals_local_and_never_writes_the_key(cluster, data, hw, tmp_path, monkeypatch):
+    from tests.kit.fake_openai import FakeOpenAI
+
+    root, items, _ = data
+    monkeypatch.chdir(tmp_path)
+    m = tmp_path / "m.parquet"
+    assert hw("bucket", root / "shards", "--out", m).code == 0
+    common = ["--model", "fake-vision", "--api-key-env", KEY_ENV, "--json"]
+    with FakeOpenAI(api_key=SECRET) as srv:  # refuses requests without the key: the workers had it
+        r = hw("caption", m, "--out", tmp_path / "a.parquet", "--base-url", srv.base_url, *common)
+        assert r.code == 0, r.err
+        local_served = sum(srv.served_ok.values())
+        r = hw("caption", m, "--out", tmp_path / "b.parquet", "--base-url", srv.base_url, *common, "--ray", "local")
+        assert r.code == 0, r.err
+        assert sum(srv.served_ok.values()) == 2 * local_served  # every image asked once per run
+        assert set(srv.served_ok.values()) == {2}
+    cols = ["path", "caption_status", "caption", "summary", "quality"]
+    a, b = pl.read_parquet(tmp_path / "a.parquet"), pl.read_parquet(tmp_path / "b.parquet")
+    assert a.select(cols).equals(b.select(cols))
+    assert (b["caption_status"] == "ok").sum() >= 10
+    assert files_containing(tmp_path, SECRET.encode()) == []  # outputs, stores, Ray parts
+    assert files_containing(cluster, SECRET.encode()) == []  # Ray's session: logs, object spill, GCS files
+
+
+class KillAfterRecords:
+    """Caption a unit, but during the first attempt at unit ``victim`` SIGKILL the worker once its
+    tagged store shard holds ``after`` results (mid-unit, as when a node dies)."""
+
+    def __init__(self, unit, victim: int, after: int, marker: str) -> None:
+        self.unit, self.victim, self.after, self.marker = unit, victim, after, marker
+
+    def __call__(self, u):
+        if u["k"] == self.victim:
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                threading.Thread(target=self._watch, args=(u["k"],), daemon=True).start()
+        return self.unit(u)
+
+    def _watch(self, k: int) -> None:
+        folder = Path(self.unit.store_dir)
+        while True:
+            lines = sum(p.read_bytes().count(b"\n") for p in folder.glob(f"shard-*-u{k:06d}.jsonl"))
+            if lines >= self.after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.005)
+
+
+def test_caption_killed_worker_resumes_and_captions_each_image_once(cluster, data, tmp_path):
+    import ray.cloudpickle
+
+    from pycore.caption.openai_backend import OpenAIConfig
+    from pycore.caption.store import ResultStore, job_fingerprint
+    from pycore.curation.scan import scan_folder
+    from tests.kit.fake_openai import FakeOpenAI
+
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    root, items, _ = data
+    frame = scan_folder(str(root / "loose")).frame.filter(pl.col("status") == "ok").unique("content_hash", keep="first")
+    todo = list(zip(frame["content_hash"].to_list(), frame["path"].to_list(), strict=True))
+    with FakeOpenAI(api_key=SECRET, latency=0.05) as srv:
+        cfg = OpenAIConfig(base_url=srv.base_url, model="fake-vision", concurrency=1)
+        job = job_fingerprint(cfg.job_options())
+        unit = distributed.CaptionUnit("openai", cfg, job, str(tmp_path / "store"), KEY_ENV)
+        marker = str(tmp_path / "killed")
+        run = distributed.caption(todo, KillAfterRecords(unit, 1, 2, marker), address="local", chunk=4)
+        served = sum(srv.served_ok.values())
+    assert Path(marker).exists()  # the worker really was killed mid-unit
+    assert run.resumed >= 2  # the retried unit read back what it had finished
+    got = ResultStore(tmp_path / "store", job).load()
+    assert sorted(got) == sorted(k for k, _ in todo) and all(r["status"] == "ok" for r in got.values())
+    # each image answered once; at most the one request in flight at the kill was asked again
+    assert len(todo) <= served <= len(todo) + 1, (served, len(todo))
+    assert files_containing(tmp_path, SECRET.encode()) == []

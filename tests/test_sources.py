@@ -173,3 +173,22 @@ def test_user_mistakes_are_one_line_errors(hw, tmp_path, data):
     assert_one_line_error(hw("bucket", tmp_path / "s", "--out", out, "--ray", "--json"), 1, "--ray local")
     assert not out.exists()
     assert tree_digest(tmp_path / "s", root / "loose") == before
+
+
+def test_ray_is_never_imported_without_ray(tmp_path, data):
+    """Shards, tables and manifest folders run without Ray: a fresh process never imports it."""
+    import subprocess
+    import sys
+
+    root, items, _ = data
+    write_shards(tmp_path / "s", items, per_shard=4)
+    code = (
+        "import sys\n"
+        "from cli.app import main\n"
+        f"assert main(['bucket', {str(tmp_path / 's')!r}, '--out', {str(tmp_path / 'm')!r}, '--sidecars']) == 0\n"
+        f"assert main(['dedup', {str(tmp_path / 'm')!r}, '--out', {str(tmp_path / 'd.parquet')!r}]) == 0\n"
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -88,9 +88,21 @@ class CaptionRequest:
     metadata: Path | None = None
     threads: int | None = None
     overwrite: bool = False
+    ray: str | None = None  #: caption as a Ray Data job at this address (pycore.distributed)
+    ray_workers: int | None = None  #: with ray: at most this many concurrent tasks
 
     def __post_init__(self) -> None:
+        from pycore.distributed import address_from
+
         self.manifest, self.out = Path(self.manifest), Path(self.out)
+        self.ray = address_from(self.ray)
+        if self.ray_workers is not None:
+            check_int("--ray-workers", self.ray_workers, 1, 4096)
+        if self.ray and (self.batch_export is not None or self.batch_import):
+            raise HwError("--ray captions online; --batch-export/--batch-import run on this machine without it")
+        if self.ray and self.api_key is not None and os.environ.get(self.api_key_env) != self.api_key:
+            raise HwError(f"with --ray every worker reads the API key from ${self.api_key_env} (it is never sent "
+                          "through Ray); set it there instead of passing it")  # fmt: skip
         if self.backend not in BACKENDS:
             raise HwError(f"--backend must be openai or openclip, not {self.backend!r}")
         if self.quality_from is not None and self.quality_from not in QUALITY_SOURCES:

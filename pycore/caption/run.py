@@ -235,7 +235,9 @@ def _caption(req: CaptionRequest, plan: Plan, records, be: _Backend, store: Resu
         res.captioned_now += sum(r["status"] == "ok" for r in stored)
         progress.advance(len(recs))
 
-    if be.openai is not None:
+    if req.ray:
+        _caption_on_ray(req, items, be, res, pending, progress)
+    elif be.openai is not None:
         from pycore.caption.openai_backend import OpenAICaptioner
 
         res.api = OpenAICaptioner(be.openai, be.api_key, job=be.job).run(items, lambda r: keep([r])).to_dict()
@@ -243,6 +245,42 @@ def _caption(req: CaptionRequest, plan: Plan, records, be: _Backend, store: Resu
         from pycore.caption.openclip_backend import OpenClipCaptioner
 
         res.openclip = OpenClipCaptioner(be.openclip, job=be.job).run(items, keep)
+
+
+def _caption_on_ray(req: CaptionRequest, items: list[tuple[str, str]], be: _Backend, res: CaptionResult,
+                    pending: dict[str, str], progress: Progress) -> None:  # fmt: skip
+    """The same captioning as a Ray Data job: workers append to the same store (durable, resumable),
+    the key stays in the workers' environment (pycore.distributed.CaptionUnit)."""
+    from pycore import distributed
+
+    assert req.ray is not None
+    unit = distributed.CaptionUnit("openai" if be.openai is not None else "openclip", be.openai or be.openclip,
+                                   be.job, str(req.store_dir.resolve()), req.api_key_env)  # fmt: skip
+    run = distributed.caption(items, unit, address=req.ray, workers=req.ray_workers, progress=progress.advance)
+    pending.update(run.pending)
+    res.captioned_now += run.captioned
+    summed = _sum_stats(run.stats)
+    summed["resumed_in_retried_units"] = run.resumed
+    if be.openai is not None:
+        res.api = summed
+    else:
+        res.openclip = summed
+
+
+def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-unit statistics added up (numbers summed, nested counts merged)."""
+    out: dict[str, Any] = {}
+    for s in stats:
+        for k, v in s.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, dict)):
+                out.setdefault(k, v)
+            elif isinstance(v, dict):
+                d = out.setdefault(k, {})
+                for kk, vv in v.items():
+                    d[kk] = d.get(kk, 0) + vv if isinstance(vv, (int, float)) else vv
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 def _import(req: CaptionRequest, plan: Plan, be: _Backend, store: ResultStore, res: CaptionResult) -> None:

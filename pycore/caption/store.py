@@ -78,24 +78,31 @@ class LoadReport:
 class ResultStore:
     """Append-only JSONL shards in one folder. Thread-safe appends; each one fsync'd."""
 
-    def __init__(self, folder: str | os.PathLike[str], job: str):
+    def __init__(self, folder: str | os.PathLike[str], job: str, *, tag: str = ""):
+        """``tag`` (``[A-Za-z0-9_]``): this writer's shard names end in ``-TAG.jsonl`` and
+        :meth:`load_tagged` reads only those (a Ray unit retried after its worker died reads back
+        what it already finished without reading the whole store)."""
+        if tag and not tag.replace("_", "").isalnum():
+            raise ValueError(f"store tag {tag!r} must be letters, digits and _")
         self.folder = Path(folder)
         self.job = job
+        self.tag = tag
         self._fd: int | None = None
         self._lock = threading.Lock()
         self.appended = 0
         self.report = LoadReport()
 
     # -- reading ---------------------------------------------------------------------------
-    def shard_files(self) -> list[Path]:
+    def shard_files(self, tag: str | None = None) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return sorted(self.folder.glob("shard-*.jsonl"))
+        return sorted(self.folder.glob(f"shard-*-{tag}.jsonl" if tag else "shard-*.jsonl"))
 
-    def iter_records(self) -> Iterator[dict[str, Any]]:
-        """Every readable record of every job, oldest shard first."""
+    def iter_records(self, tag: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every readable record of every job (of the shards written with ``tag`` when given),
+        oldest shard first."""
         rep = LoadReport()
-        for f in self.shard_files():
+        for f in self.shard_files(tag):
             rep.files += 1
             with open(f, "rb") as fh:
                 for raw in fh:
@@ -111,11 +118,15 @@ class ResultStore:
                     yield rec
         self.report = rep
 
-    def load(self) -> dict[str, dict[str, Any]]:
+    def load_tagged(self) -> dict[str, dict[str, Any]]:
+        """:meth:`load` of the shards this store's ``tag`` wrote (in this or an earlier attempt)."""
+        return self.load(tag=self.tag or None)
+
+    def load(self, tag: str | None = None) -> dict[str, dict[str, Any]]:
         """This job's latest record per key; a success is never replaced by a later failure."""
         best: dict[str, dict[str, Any]] = {}
         other = 0
-        for rec in self.iter_records():
+        for rec in self.iter_records(tag):
             if rec.get("job") != self.job:
                 other += 1
                 continue
@@ -132,7 +143,8 @@ class ResultStore:
                 self.folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise HwError(f"cannot create the caption store {self.folder}: {e.strerror or e}") from None
-            name = f"shard-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 1_000_000_000:09d}-{os.getpid()}.jsonl"
+            name = f"shard-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 1_000_000_000:09d}-{os.getpid()}"
+            name += f"-{self.tag}.jsonl" if self.tag else ".jsonl"
             self._fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
             dfd = os.open(self.folder, os.O_RDONLY)
             try:

@@ -11,6 +11,7 @@ cos(image, text)``, PickScore's scale) and ``<column>_error``, the reason a row 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections import Counter
@@ -163,64 +164,138 @@ def score_files(model: Any, paths: list[str], prompts: list[str | None], *, time
     return scores, errors
 
 
-def _score(req: ScoreRequest, dt: Any, paths: list[str], prompts: list[str | None],
-           progress: Progress) -> tuple[list[float | None], list[str | None]]:  # fmt: skip
-    """Score locally (the model loaded here) or as a Ray Data job (the model loaded once per worker)."""
-    from pycore.spm.checkpoints import load_spm
+class _Scorer:
+    """Scores (paths, prompts) chunks: locally with the model loaded once, or as Ray Data jobs in
+    one Ray session (the model loaded once per worker process)."""
 
-    if req.ray:
-        from pycore import distributed
+    def __init__(self, req: ScoreRequest, dt: Any, progress: Progress) -> None:
+        self.req, self.dt, self.progress = req, dt, progress
+        self.spm: Any = None
+        self._stack = contextlib.ExitStack()
 
-        unit = distributed.ScoreUnit(req.model, req.base, req.processor, req.dtype, req.device, req.timestep,
-                                     req.batch_size)  # fmt: skip
-        progress.stage("scoring on Ray", len(paths), "img")
-        return distributed.score(paths, prompts, unit, address=req.ray, workers=req.ray_workers, progress=progress.advance)
-    progress.stage("loading model", None)
-    spm = load_spm(req.model, base=req.base, processor=req.processor, dtype=dt, device=req.device)
-    spm.requires_grad_(False)
-    progress.stage("scoring", len(paths), "img")
-    return score_files(spm, paths, prompts, timestep=req.timestep, batch_size=req.batch_size, progress=progress)
+    def __enter__(self) -> _Scorer:
+        if self.req.ray:
+            from pycore import distributed
+
+            self._stack.enter_context(distributed.session(self.req.ray, num_cpus=self.req.ray_workers))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def __call__(self, paths: list[str], prompts: list[str | None]) -> tuple[list[float | None], list[str | None]]:
+        req = self.req
+        if req.ray:
+            from pycore import distributed
+
+            unit = distributed.ScoreUnit(req.model, req.base, req.processor, req.dtype, req.device, req.timestep,
+                                         req.batch_size)  # fmt: skip
+            return distributed.score(paths, prompts, unit, address=req.ray, workers=req.ray_workers,
+                                     progress=self.progress.advance)  # fmt: skip
+        if self.spm is None:
+            from pycore.spm.checkpoints import load_spm
+
+            self.spm = load_spm(req.model, base=req.base, processor=req.processor, dtype=self.dt, device=req.device)
+            self.spm.requires_grad_(False)
+        return score_files(self.spm, paths, prompts, timestep=req.timestep, batch_size=req.batch_size, progress=self.progress)
 
 
-def score_manifest(req: ScoreRequest, progress: Progress = NO_PROGRESS) -> ScoreResult:
-    """Score ``req.manifest`` and write ``req.out``; raises NothingDone when no image could be scored."""
+@dataclass
+class _Tally:
+    """Running totals over parts (nothing per row is kept)."""
+
+    rows: int = 0
+    scored: int = 0
+    total: float = 0.0
+    lo: float | None = None
+    hi: float | None = None
+    reasons: Counter = field(default_factory=Counter)
+
+    def add(self, scores: list[float | None], errors: list[str | None]) -> None:
+        self.rows += len(scores)
+        for v, r in zip(scores, errors, strict=True):
+            if v is None:
+                self.reasons[(r or "unknown").split(":")[0]] += 1
+                continue
+            self.scored += 1
+            self.total += v
+            self.lo = v if self.lo is None else min(self.lo, v)
+            self.hi = v if self.hi is None else max(self.hi, v)
+
+
+def _score_part(m: Any, req: ScoreRequest, scorer: _Scorer, tally: _Tally) -> Any:
+    """One manifest (or one part of a folder) scored: the derived manifest to write."""
     import polars as pl
 
-    from pycore.checks import parse_dtype
-    from pycore.manifest import Manifest, fs_paths
+    from pycore.manifest import fs_paths
 
-    t0 = time.perf_counter()
-    m = Manifest.read(req.manifest)
     frame = m.frame
     for c in (req.column, req.error_column):
         if c in frame.columns and not req.overwrite:
             raise HwError(f"manifest already has a column {c!r}; pass --column NAME or --overwrite to replace it")
     prompts = _prompts(frame, req)
-    if frame.height == 0:
-        raise NothingDone(f"manifest {req.manifest} has no rows; nothing to score")
-    dt = parse_dtype(req.dtype)
-    if req.device == "cpu" and req.dtype == "float16":
-        warnings.warn("fp16 on CPU is slow and not supported by every op; use fp32 or bf16 on CPU", HwWarning, stacklevel=2)
-
     paths, statuses = fs_paths(frame), frame["status"].to_list()
     idx = [i for i, s in enumerate(statuses) if s not in UNREADABLE_STATUSES]
     scores: list[float | None] = [None] * frame.height
     errors: list[str | None] = [f"status {s}" if s in UNREADABLE_STATUSES else None for s in statuses]
-    s, e = _score(req, dt, [paths[i] for i in idx], [prompts[i] for i in idx], progress)
+    s, e = scorer([paths[i] for i in idx], [prompts[i] for i in idx]) if idx else ([], [])
+    scorer.progress.advance(frame.height - len(idx))
     for k, i in enumerate(idx):
         scores[i], errors[i] = s[k], e[k]
+    tally.add(scores, errors)
     frame = frame.with_columns(pl.Series(req.column, scores, dtype=pl.Float32), pl.Series(req.error_column, errors, dtype=pl.String))
     meta = {"spm_score": {"model": req.model, "timestep": req.timestep, "dtype": req.dtype, "column": req.column,
                           "prompt_column": req.prompt_column, "prompt": req.prompt}}  # fmt: skip
-    m.derive(frame, "spm-score", meta).write(req.out, overwrite=req.overwrite)
-    scored = [v for v in scores if v is not None]
-    reasons = Counter((r or "unknown").split(":")[0] for v, r in zip(scores, errors, strict=True) if v is None)
-    result = ScoreResult(out=str(req.out), rows=frame.height, scored=len(scored), mean=sum(scored) / len(scored) if scored else None,
-                         min=min(scored, default=None), max=max(scored, default=None), model=req.model, timestep=req.timestep,
-                         seconds=round(time.perf_counter() - t0, 3), error_column=req.error_column,
-                         not_scored_reasons=dict(reasons))  # fmt: skip
-    if not scored:
-        why = ", ".join(f"{k} {v:,}" for k, v in reasons.items())
-        raise NothingDone(f"none of the {frame.height:,} images could be scored ({why}); the reasons are in column "
+    return m.derive(frame, "spm-score", meta)
+
+
+def score_manifest(req: ScoreRequest, progress: Progress = NO_PROGRESS) -> ScoreResult:
+    """Score ``req.manifest`` and write ``req.out``; raises NothingDone when no image could be scored.
+
+    A folder of parts written to a folder is scored part by part (one part's rows in memory,
+    the model loaded once); otherwise the manifest is read whole."""
+    from pycore.checks import parse_dtype
+    from pycore.manifest import Manifest
+    from pycore.manifest_parts import PartsWriter, part_files, wants_parts
+
+    t0 = time.perf_counter()
+    rows = _row_count(req.manifest)
+    if rows == 0:
+        raise NothingDone(f"manifest {req.manifest} has no rows; nothing to score")
+    dt = parse_dtype(req.dtype)
+    if req.device == "cpu" and req.dtype == "float16":
+        warnings.warn("fp16 on CPU is slow and not supported by every op; use fp32 or bf16 on CPU", HwWarning, stacklevel=2)
+    tally = _Tally()
+    progress.stage("scoring on Ray" if req.ray else "scoring", rows, "img")
+    with _Scorer(req, dt, progress) as scorer:
+        if Path(req.manifest).is_dir() and wants_parts(req.out):
+            with PartsWriter(req.out, len(part_files(req.manifest)), overwrite=req.overwrite) as w:
+                for m in Manifest.parts(req.manifest):
+                    w.write(_score_part(m, req, scorer, tally))
+        else:
+            _score_part(Manifest.read(req.manifest), req, scorer, tally).write(req.out, overwrite=req.overwrite)
+    result = ScoreResult(out=str(req.out), rows=tally.rows, scored=tally.scored,
+                         mean=tally.total / tally.scored if tally.scored else None, min=tally.lo, max=tally.hi,
+                         model=req.model, timestep=req.timestep, seconds=round(time.perf_counter() - t0, 3),
+                         error_column=req.error_column, not_scored_reasons=dict(tally.reasons))  # fmt: skip
+    if not tally.scored:
+        why = ", ".join(f"{k} {v:,}" for k, v in tally.reasons.items())
+        raise NothingDone(f"none of the {tally.rows:,} images could be scored ({why}); the reasons are in column "
                           f"{req.error_column} of {req.out}")  # fmt: skip
     return result
+
+
+def _row_count(path: Path) -> int:
+    """Rows of a manifest file or folder from the Parquet footers (no rows read)."""
+    import polars as pl
+
+    from pycore.errors import ManifestError
+    from pycore.manifest_parts import part_files
+
+    files = part_files(path) if Path(path).is_dir() else [Path(path)]
+    if not files[0].is_file():
+        raise ManifestError(f"manifest {path} does not exist")
+    try:
+        return int(pl.scan_parquet(files).select(pl.len()).collect().item())
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise ManifestError(f"cannot read manifest {path}: {first_line(e)}") from None
