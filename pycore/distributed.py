@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,14 +140,16 @@ def run_units(
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     mapped = ds.map_batches(
         _run_batch, fn_kwargs={"fn": fn, "folder": folder}, batch_size=1, batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.TaskPoolStrategy(size=workers),
     )  # fmt: skip
     extras: dict[int, dict] = {}
     try:
-        for row in mapped.iter_rows():
-            extras[int(row["k"])] = json.loads(row["extra"])
-            if progress:
-                progress(1)
+        with warnings.catch_warnings():  # fewer units than workers is normal for a small job
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+            for row in mapped.iter_rows():
+                extras[int(row["k"])] = json.loads(row["extra"])
+                if progress:
+                    progress(1)
     except Exception as e:  # Ray wraps worker errors in its own types; one line with the cause
         cause = getattr(e, "cause", None) or e
         if isinstance(cause, HwError):
@@ -362,7 +365,7 @@ class CaptionUnit:
                 counts[r["status"]] += 1
 
         stats: dict[str, Any] = {}
-        with store:
+        with store, _stop_when_orphaned():
             if items and self.backend == "openai":
                 from pycore.caption.openai_backend import OpenAICaptioner
 
@@ -372,6 +375,29 @@ class CaptionUnit:
                 stats = _openclip_captioner(self.config, self.job).run(items, keep) or {}
         frame = pl.DataFrame({"key": list(pending), "error": list(pending.values())}, schema={"key": pl.String, "error": pl.String})
         return frame, {**counts, "stats": stats}
+
+
+@contextlib.contextmanager
+def _stop_when_orphaned(every: float = 0.1) -> Iterator[None]:
+    """While a captioning unit runs, end this worker process at once if the process that started
+    it (the raylet) is gone — a Ray started by a driver that was killed. Everything answered so
+    far is already fsync'd in the store; an orphaned worker must not go on paying for requests
+    that the next run asks for again."""
+    import threading
+
+    parent = os.getppid()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="hw-orphan-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _openclip_captioner(cfg: Any, job: str) -> Any:
