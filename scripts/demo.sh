@@ -18,6 +18,34 @@ with pl.Config(tbl_rows=12, tbl_cols=9, fmt_str_lengths=40, tbl_width_chars=160)
                    "bucket_width", "bucket_height", "crop_left", "crop_top").head(12))
 PY
 echo
+echo "== shards: the same sample packed as WebDataset tar shards (KEY.jpg + KEY.txt alt text), scanned in place"
+echo "   (nothing extracted); rows per shard, and the same sizes/statuses/hashes/buckets as the loose files"
+"$venv/bin/python" - <<'PY'
+import io, os, tarfile
+files = sorted(os.path.join(d, f) for d, _, fs in os.walk("data_manifests/sample") for f in fs if not f.endswith(".txt"))
+os.makedirs("out/shards", exist_ok=True)
+for s in range(0, len(files), 8):
+    with tarfile.open(f"out/shards/{s // 8:05d}.tar", "w") as tf:
+        for i, f in enumerate(files[s : s + 8], start=s):
+            tf.add(f, arcname=f"{i:09d}{os.path.splitext(f)[1].lower()}")
+            alt = f"alt text of {os.path.basename(f)}".encode()
+            info = tarfile.TarInfo(f"{i:09d}.txt"); info.size = len(alt); tf.addfile(info, io.BytesIO(alt))
+print(f"{len(files)} images → {len(os.listdir('out/shards'))} shards in out/shards/")
+PY
+"$hw" bucket 'out/shards/{00000..00005}.tar' --out out/shards_manifest --snap 32 --sidecars --overwrite | tail -3
+"$venv/bin/python" - <<'PY'
+import polars as pl
+shards = pl.read_parquet("out/shards_manifest/*.parquet")  # a folder of parts, read as one table
+folder = pl.read_parquet("out/sample.parquet")
+print(shards.group_by(pl.col("path").str.extract(r"(\d+\.tar)::").alias("shard")).agg(
+    pl.len().alias("rows"), (pl.col("status") == "ok").sum().alias("ok")).sort("shard"))
+with pl.Config(fmt_str_lengths=40, tbl_width_chars=160):
+    print(shards.select(pl.col("path").str.replace(r".*/out/", ""), "status", "width", "height", "source_caption").head(4))
+cols = ["status", "width", "height", "file_size", "content_hash", "bucket_width", "bucket_height"]
+key = lambda f: sorted(map(tuple, f.select(cols).fill_null(-1).rows()))
+print("same sizes, statuses, hashes and buckets as the loose files:", key(shards) == key(folder))
+PY
+echo
 echo "== hw dedup: exact and near duplicates, image quality flags and outliers, with a review page"
 "$hw" dedup out/sample.parquet --out out/sample_dedup.parquet --quality --review out/dedup_review.html \
   --plot out/dedup_stats.svg --overwrite
@@ -107,7 +135,7 @@ PY
 "$hw" convert-lora out/lora_demo/detail_loha.safetensors --to kohya --rank 4 --out out/lora_demo/detail_lora_r4.safetensors --overwrite
 "$hw" lora-info out/lora_demo/detail_lora.safetensors
 echo
-echo "Outputs in out/: sample.parquet (manifest), buckets.png (histogram), kohya_meta.json (kohya metadata),"
+echo "Outputs in out/: sample.parquet (manifest), shards/ + shards_manifest/ (the sample as tar shards, a manifest folder), buckets.png (histogram), kohya_meta.json (kohya metadata),"
 echo "sample_dedup.parquet + dedup_review.html + dedup_stats.svg, caption_batch/ + sample_captioned.parquet + sample_captions.jsonl,"
 echo "sample_scored.parquet, spo_run/ (SPO LoRA, config, checkpoints, samples, logs), spo_samples/ (before/after grid),"
 echo "lora_demo/ (converted, merged, extracted and combined LoRAs; a LoHa merged and converted to plain LoRA)"
