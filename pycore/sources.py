@@ -177,7 +177,10 @@ def cell_bytes(value: Any) -> bytes | None:
 
 def _row_group(table: str, column: str, row: int) -> tuple[int, Any]:
     """(first row of the group, the column's values in the row group holding ``row``)."""
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise HwError("reading images from Parquet tables needs pyarrow: pip install 'hw[shards]'") from None
 
     try:
         pf = pq.ParquetFile(table)

@@ -362,11 +362,9 @@ def _check_exist(paths: list[str]) -> None:
 
 def _hint_image_table(path: str) -> None:
     """A .parquet without hw's columns but with an image column: say how to scan it."""
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-    except (OSError, ValueError):
+    try:  # polars, not pyarrow: a plain re-bucket must not need the shards extra
+        names = list(pl.read_parquet_schema(path))
+    except (pl.exceptions.PolarsError, OSError):
         return
     if "status" not in names and "path" not in names:
         cand = next((n for n in ("image", "jpg", "png", "bytes") if n in names), None)
