@@ -192,3 +192,14 @@ def test_ray_is_never_imported_without_ray(tmp_path, data):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_photo_folder_holding_a_tar_is_still_a_folder_of_images(tmp_path, data):
+    root, items, loose = data
+    photos = write_loose(tmp_path / "photos", items)
+    write_shards(tmp_path / "photos" / "backup", items[:3], per_shard=3)  # shards one level down
+    (tmp_path / "photos" / "old.tar").write_bytes(b"")  # and an archive beside the photos
+    assert scan_source(str(photos), SourceOptions()) is None  # the caller scans it as a folder
+    shards_only = tmp_path / "photos" / "backup"
+    got = scan_source(str(shards_only), SourceOptions())
+    assert got is not None and got.frame.height == 3

@@ -166,5 +166,23 @@ def names_shards(src: str | os.PathLike[str]) -> bool:
     if is_pattern(s):
         return s.lower().endswith(SHARD_SUFFIXES)
     if os.path.isdir(s):
-        return folder_has(s, SHARD_SUFFIXES)
+        return folder_has(s, SHARD_SUFFIXES) and _only_shard_files(s)
     return s.lower().endswith(SHARD_SUFFIXES)
+
+
+def _only_shard_files(folder: str) -> bool:
+    """A shard folder as img2dataset writes it: files only (shards and their .parquet/.json
+    companions), no sub-folders and no loose images — so a photo folder that happens to hold a
+    .tar archive is still scanned as a folder of images."""
+    from pycore.curation.scan import IMAGE_EXTENSIONS
+
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir() or e.name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
+                    return False
+    except OSError:
+        return False
+    return True
