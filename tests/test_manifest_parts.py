@@ -119,3 +119,17 @@ def test_spm_score_streams_a_folder_of_parts(tmp_path, kit_spm, monkeypatch):
     assert all(x == y or abs(x - y) < 1e-5 for x, y in zip(a["spm_score"].fill_null(0), b["spm_score"].fill_null(0), strict=True))
     assert (got.rows, got.scored, got.not_scored_reasons) == (ref.rows, ref.scored, ref.not_scored_reasons)
     assert Manifest.read(tmp_path / "scored").history == ["bucket", "spm-score"]
+
+
+def test_caption_reads_and_writes_a_folder(hw, tmp_path):
+    from tests.kit.fake_openai import FakeOpenAI
+
+    items = samples(5)
+    write_shards(tmp_path / "s", items, per_shard=3)
+    assert hw("bucket", tmp_path / "s", "--out", tmp_path / "m").code == 0
+    with FakeOpenAI() as srv:
+        r = hw("caption", tmp_path / "m", "--out", tmp_path / "c", "--base-url", srv.base_url, "--model", "fake-vision")
+        assert r.code == 0, r.err
+    c = Manifest.read(tmp_path / "c")
+    assert c.frame.height == len(items) and c.history == ["bucket", "caption"]
+    assert (c.frame.filter(pl.col("status") == "ok")["caption_status"] == "ok").all()
