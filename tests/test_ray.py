@@ -49,6 +49,24 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def assert_loopback_only() -> None:
+    """Every inet socket of this process and of the Ray processes it started is on loopback."""
+    psutil = pytest.importorskip("psutil")
+    me = psutil.Process()
+    seen = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            for addr in (c.laddr, c.raddr):
+                if addr:
+                    seen += 1
+                    assert addr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), (proc.name(), c)
+    assert seen  # Ray's GCS, raylet and workers do talk (over loopback)
+
+
 def files_containing(root: Path, needle: bytes) -> list[Path]:
     hits = []
     for p in root.rglob("*"):
@@ -155,6 +173,7 @@ def test_bucket_and_dedup_with_ray_equal_local(cluster, data, hw, tmp_path, monk
         assert r.code == 0, r.err
         assert pl.read_parquet(da).drop("mtime").equals(pl.read_parquet(db).drop("mtime")), src
     assert not list(tmp_path.glob(".hw-ray-parts.*"))  # scratch parts removed
+    assert_loopback_only()
     r = hw("bucket", root / "shards", "--out", tmp_path / "x.parquet", "--ray", "--sidecars")  # forgot the address
     assert r.code == 1 and "--ray local" in r.err
 
@@ -234,6 +253,7 @@ def test_caption_with_ray_equals_local_and_never_writes_the_key(cluster, data, h
     assert (b["caption_status"] == "ok").sum() >= 10
     assert files_containing(tmp_path, SECRET.encode()) == []  # outputs, stores, Ray parts
     assert files_containing(cluster, SECRET.encode()) == []  # Ray's session: logs, object spill, GCS files
+    assert_loopback_only()
 
 
 class KillAfterRecords:
