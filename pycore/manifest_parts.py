@@ -104,7 +104,8 @@ class PartsWriter:
                 w.write(m.derive(work(m.frame), "command", updates))
     """
 
-    def __init__(self, folder: str | os.PathLike[str], n_parts: int, *, overwrite: bool = False) -> None:
+    def __init__(self, folder: str | os.PathLike[str], n_parts: int | None, *, overwrite: bool = False) -> None:
+        """``n_parts`` None when not known in advance (``hw.part`` is then just the part's number)."""
         self.target = Path(os.fspath(folder).rstrip("/" + os.sep) or ".")
         if self.target.exists() and not self.target.is_dir():
             raise ManifestError(f"{self.target} is a file; a folder of manifest parts cannot replace it")
@@ -119,7 +120,8 @@ class PartsWriter:
         from pycore.manifest import prepare_write
 
         frame, meta = prepare_write(manifest.frame, manifest.meta)
-        frame.write_parquet(self.tmp / part_name(self.i), metadata={**meta, "hw.part": f"{self.i + 1}/{self.n}"})
+        part = f"{self.i + 1}/{self.n}" if self.n else str(self.i + 1)
+        frame.write_parquet(self.tmp / part_name(self.i), metadata={**meta, "hw.part": part})
         self.i += 1
 
     def __exit__(self, *exc) -> bool | None:  # noqa: ANN002

@@ -133,3 +133,21 @@ def test_caption_reads_and_writes_a_folder(hw, tmp_path):
     c = Manifest.read(tmp_path / "c")
     assert c.frame.height == len(items) and c.history == ["bucket", "caption"]
     assert (c.frame.filter(pl.col("status") == "ok")["caption_status"] == "ok").all()
+
+
+def test_scan_of_shards_into_a_folder_streams_whole_shards_per_part(tmp_path, monkeypatch):
+    """Shards bucketed into a folder are written part by part as they are read (each part whole
+    shards, at least PART_ROWS rows), with the rows and report of the one-file run."""
+    from pycore import manifest_parts
+    from pycore.curation.bucket import BucketRequest, bucket
+
+    items = samples(9)  # 14 members: 9 images + 5 broken ones
+    write_shards(tmp_path / "s", items, per_shard=3)
+    one = bucket(BucketRequest(tmp_path / "s", tmp_path / "one.parquet", table="sdxl"))
+    monkeypatch.setattr(manifest_parts, "PART_ROWS", 4)
+    got = bucket(BucketRequest(tmp_path / "s", tmp_path / "parts", table="sdxl"))
+    sizes = [pl.read_parquet(p).height for p in sorted((tmp_path / "parts").iterdir())]
+    assert sizes[:-1] == [6] * (len(sizes) - 1) and sum(sizes) == len(items)  # two whole shards per part
+    assert read_manifest(tmp_path / "parts").equals(read_manifest(tmp_path / "one.parquet"))
+    assert got.frame is None and got.report.to_dict() == one.report.to_dict()
+    assert Manifest.read(tmp_path / "parts").history == ["bucket"]

@@ -13,6 +13,7 @@ problems the user should know about are :class:`pycore.errors.HwWarning`s.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -172,6 +173,8 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
     src = Path(req.source)
     meta: dict[str, object] = {"table": table.name, "table_sizes": [list(s) for s in table.sizes],
             "options": {k: v for k, v in vars(opts).items() if k != "threads"}, "source": str(src)}  # fmt: skip
+    if _streams_scan(req, src):
+        return _scan_parts(req, table, opts, meta, progress, t0)
     scan = _scan(req, src, opts.threads, progress)
     if scan is None and _streams(req, src):
         return _rebucket_parts(req, table, opts, meta, progress, t0)
@@ -212,6 +215,62 @@ def _streams(req: BucketRequest, src: Path) -> bool:
     from pycore.manifest_parts import is_manifest_folder, wants_parts
 
     return is_manifest_folder(src) and wants_parts(req.out) and req.export_kohya is None
+
+
+def _streams_scan(req: BucketRequest, src: Path) -> bool:
+    """Scan tar shards or Parquet image tables into a folder of parts as they are read (memory of
+    one part) when nothing needs every row at once; on Ray the workers' parts are gathered."""
+    from pycore.curation.scan_sources import containers
+    from pycore.manifest_parts import wants_parts
+
+    assert req.sources is not None
+    return (not req.sources.ray and wants_parts(req.out) and req.export_kohya is None
+            and containers(str(src), req.sources) is not None)  # fmt: skip
+
+
+def _scan_parts(req: BucketRequest, table: BucketTable, opts: BucketOptions, meta: dict[str, object],
+                progress: Progress | None, t0: float) -> BucketResult:  # fmt: skip
+    """``bucket`` of shards/tables into a folder: scan whole containers until a part's worth of
+    rows, bucket them, write the part, go on. The report is the merge of the parts'."""
+    from pycore import manifest_parts
+    from pycore.curation.assign import assign, merge_reports, report
+    from pycore.curation.scan_sources import containers, iter_scans
+    from pycore.curation.tables import off_grid
+    from pycore.manifest import new_manifest
+
+    assert req.sources is not None
+    named = containers(str(req.source), req.sources)
+    assert named is not None
+    kind, files = named
+    grid = off_grid(table, SDXL_MULTIPLE)
+    meta.update(root=os.path.commonpath(files), content_hash="xxh3-128" if req.hash else "none")
+    reports, skipped, problems = [], {}, []  # type: ignore[var-annotated]
+    if progress is not None:
+        progress.stage("reading shards" if kind == "shard" else "reading tables", len(files), kind + "s")
+    with manifest_parts.PartsWriter(req.out, None, overwrite=req.overwrite) as w:
+        for scan in iter_scans(kind, files, req.sources, hash=req.hash, max_pixels=req.max_pixels, threads=opts.threads,
+                               progress=progress.advance if progress else None,
+                               rows_per_part=manifest_parts.PART_ROWS):  # fmt: skip
+            for k, v in scan.skipped.items():
+                skipped[k] = skipped.get(k, 0) + v
+            problems += scan.problems
+            if scan.frame.height == 0:
+                continue
+            frame = assign(scan.frame, table, opts)
+            reports.append(report(frame, table, off_grid=grid))
+            w.write(new_manifest(frame, "bucket", meta))
+        if not reports:  # raised inside the writer: no folder is left behind
+            extra = f" ({sum(skipped.values()):,} non-image member(s) skipped)" if skipped else ""
+            raise NothingDone(f"no images in {req.source}{extra}; nothing to bucket, no manifest written")
+    rep = merge_reports(reports, table)
+    rep.skipped_files, rep.problems = skipped, problems
+    _warn_off_grid(table, grid, False)
+    result = BucketResult(rep, Path(req.out), True, 0.0)
+    if req.plot is not None:
+        plot(rep, req.plot, overwrite=req.overwrite)
+        result.plot = Path(req.plot)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def _rebucket_parts(req: BucketRequest, table: BucketTable, opts: BucketOptions, meta: dict[str, object],

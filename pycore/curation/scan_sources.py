@@ -12,7 +12,7 @@ silently dropped.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -322,35 +322,80 @@ def scan_source(
 ) -> ScanResult | None:
     """Scan ``src`` when it names tar shards or (with ``image_column``) Parquet image tables;
     None when it is a folder of images or a manifest (the caller's usual path)."""
+    s = os.fspath(src)
+    named = containers(s, sopts)
+    if named is None:
+        if sopts.ray and os.path.isdir(s) and not _is_manifest_folder(s):
+            return _folder_on_ray(s, sopts, hash, max_pixels, threads, progress, on_listed)
+        return None
+    kind, files = named
+    if on_listed:
+        on_listed(len(files))
+    if sopts.ray:
+        return _on_ray([{"kind": kind, "path": f} for f in files], files, sopts, hash, max_pixels, threads, progress)
+    return next(iter_scans(kind, files, sopts, hash=hash, max_pixels=max_pixels, threads=threads, progress=progress,
+                           rows_per_part=0))  # fmt: skip
+
+
+def containers(src: str | os.PathLike[str], sopts: SourceOptions) -> tuple[str, list[str]] | None:
+    """(``"table"``, Parquet tables) with ``image_column``, (``"shard"``, tar shards) when ``src``
+    names shards, None for a folder of images or a manifest. Mistakes are one-line errors."""
     from pycore.curation.shards import SHARD_SUFFIXES, TABLE_SUFFIXES, expand_inputs, names_shards
 
-    if sopts.image_column:
-        tables = expand_inputs(src, TABLE_SUFFIXES)
-        _check_exist(tables)
-        if on_listed:
-            on_listed(len(tables))
-        if sopts.ray:
-            return _on_ray([{"kind": "table", "path": t} for t in tables], tables, sopts, hash, max_pixels, threads, progress)
-        return scan_tables(tables, sopts.image_column, hash=hash, max_pixels=max_pixels, threads=threads,
-                           caption_column=sopts.caption_column, progress=progress)  # fmt: skip
     s = os.fspath(src)
+    if sopts.image_column:
+        tables = expand_inputs(s, TABLE_SUFFIXES)
+        _check_exist(tables)
+        return "table", tables
     if not names_shards(s):
         if sopts.sidecars:
             raise HwError("--sidecars applies to tar shards (a .tar, a folder of them, a {a..b} pattern or a list)")
         if s.lower().endswith(".parquet") and os.path.isfile(s):
             _hint_image_table(s)
-        if sopts.ray and os.path.isdir(s) and not _is_manifest_folder(s):
-            return _folder_on_ray(s, sopts, hash, max_pixels, threads, progress, on_listed)
         return None
     shards = expand_inputs(s, SHARD_SUFFIXES)
     if all(not os.path.exists(p) for p in shards):
         raise HwError(f"none of the {len(shards)} shard(s) named by {s} exist (first: {shards[0]})")
-    if on_listed:
-        on_listed(len(shards))
-    if sopts.ray:
-        return _on_ray([{"kind": "shard", "path": p} for p in shards], shards, sopts, hash, max_pixels, threads, progress)
-    return scan_shards(shards, hash=hash, max_pixels=max_pixels, threads=threads,
-                       sidecars=sopts.sidecars, progress=progress)  # fmt: skip
+    return "shard", shards
+
+
+def iter_scans(kind: str, files: Sequence[str], sopts: SourceOptions, *, hash: bool = True,
+               max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 0, progress: Callable[[int], None] | None = None,
+               rows_per_part: int = 0) -> Iterator[ScanResult]:  # fmt: skip
+    """Scan shards or tables in order, one container at a time, yielding a :class:`ScanResult`
+    each time at least ``rows_per_part`` rows are gathered (whole containers; the rest at the
+    end). ``rows_per_part`` 0: one result for everything. Memory: one result's rows."""
+    root = os.path.commonpath(list(files)) if files else ""
+    frames: list[pl.DataFrame] = []
+    skipped: dict[str, int] = {}
+    problems: list[tuple[str, str]] = []
+    rows = 0
+    for f in files:
+        if kind == "table":
+            assert sopts.image_column is not None
+            r = scan_tables([f], sopts.image_column, hash=hash, max_pixels=max_pixels, threads=threads,
+                            caption_column=sopts.caption_column)  # fmt: skip
+        else:
+            r = scan_shards([f], hash=hash, max_pixels=max_pixels, threads=threads, sidecars=sopts.sidecars)
+        frames.append(r.frame)
+        rows += r.frame.height
+        for k, v in r.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        problems += r.problems
+        if progress:
+            progress(1)
+        if rows_per_part and rows >= rows_per_part:
+            yield ScanResult(_concat(frames), root, skipped, problems)
+            frames, skipped, problems, rows = [], {}, [], 0
+    if frames or not rows_per_part:
+        yield ScanResult(_concat(frames), root, skipped, problems)
+
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    frames = [f for f in frames if f.height] or frames[:1]
+    if not frames:
+        return empty_scan_frame()
+    return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
 
 
 def _check_exist(paths: list[str]) -> None:
