@@ -136,8 +136,17 @@ class BucketResult:
     kohya: Path | None = None
     #: Images written to the kohya JSON (None without export_kohya).
     kohya_images: int | None = None
-    #: The manifest rows, for callers that go on in Python.
-    frame: pl.DataFrame | None = field(default=None, repr=False)
+    _frame: pl.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The manifest rows, for callers that go on in Python (read from ``out`` when the
+        folder path wrote them straight from Rust)."""
+        if self._frame is None:
+            from pycore.manifest import read_manifest
+
+            self._frame = read_manifest(self.out)
+        return self._frame
 
     def to_dict(self) -> dict:
         d = self.report.to_dict()
@@ -148,46 +157,28 @@ class BucketResult:
 
 def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult:
     """Run ``hw bucket``: see the module docstring."""
-    from pycore.curation.assign import assign, report
-    from pycore.curation.scan import scan_folder
     from pycore.curation.tables import off_grid
-    from pycore.manifest import Manifest, new_manifest
 
     t0 = time.perf_counter()
     table, opts = req.bucket_table(), req.options()
     src = Path(req.source)
     meta = {"table": table.name, "table_sizes": [list(s) for s in table.sizes],
             "options": {k: v for k, v in vars(opts).items() if k != "threads"}, "source": str(src)}  # fmt: skip
-    if src.is_file():
-        prev = Manifest.read(src, required=("path", "status", "width", "height"))
-        frame, skipped, problems, rescanned = prev.frame, {}, [], False
-        warned_before = prev.get("table") == table.name
-    else:
-        if progress is not None:
-            progress.stage("walking", None, "files")
-        res = scan_folder(str(src), hash=req.hash, max_pixels=req.max_pixels, threads=opts.threads,
-                          progress=progress.advance if progress else None,
-                          on_listed=(lambda n: progress.stage("reading headers", n, "files")) if progress else None)  # fmt: skip
-        frame, skipped, problems, rescanned, warned_before = res.frame, res.skipped, res.problems, True, False
-        meta.update(root=res.root, content_hash="xxh3-128" if req.hash else "none")
-    if frame.height == 0:
-        extra = f" ({sum(skipped.values()):,} non-image file(s) skipped)" if skipped else ""
-        raise NothingDone(f"no image files in {src}{extra}; nothing to bucket, no manifest written")
-    frame = assign(frame, table, opts)
     grid = off_grid(table, SDXL_MULTIPLE)
-    rep = report(frame, table, skipped=skipped, problems=problems, off_grid=grid)
+    if src.is_file():
+        rep, frame, warned_before = _rebucket(req, src, table, opts, meta, grid)
+    else:
+        rep, frame, warned_before = _bucket_folder(req, src, table, opts, meta, grid, progress), None, False
     if grid and not warned_before:  # once per manifest: a re-bucket with the same table stays quiet
         names = ", ".join(f"{w}x{h}" for w, h in grid)
         warnings.warn(f"bucket table {table.name} has sizes that are not multiples of {SDXL_MULTIPLE} (SDXL wants "
                       f"them): {names}; --snap {SDXL_MULTIPLE} rounds them", HwWarning, stacklevel=2)  # fmt: skip
-    manifest = prev.derive(frame, "bucket", meta) if not rescanned else new_manifest(frame, "bucket", meta)
-    manifest.write(req.out, overwrite=req.overwrite)
-    result = BucketResult(rep, Path(req.out), rescanned, 0.0, frame=frame)
+    result = BucketResult(rep, Path(req.out), frame is None, 0.0, _frame=frame)
     if req.plot is not None:
         plot(rep, req.plot, overwrite=req.overwrite)
         result.plot = Path(req.plot)
     if req.export_kohya is not None:
-        result.kohya_images = export_kohya(frame, req.export_kohya, overwrite=req.overwrite)
+        result.kohya_images = export_kohya(result.frame, req.export_kohya, overwrite=req.overwrite)
         result.kohya = Path(req.export_kohya)
         if rep.rotated:
             warnings.warn(f"{rep.rotated} image(s) carry an EXIF rotation; kohya loads pixels without applying it, so "
@@ -195,6 +186,49 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
                           stacklevel=2)  # fmt: skip
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _rebucket(req, src, table, opts, meta, grid):  # noqa: ANN001, ANN202
+    """Re-bucket a manifest (Polars): (report, frame, whether its table was warned about before)."""
+    from pycore.curation.assign import assign, report
+    from pycore.manifest import Manifest
+
+    prev = Manifest.read(src, required=("path", "status", "width", "height"))
+    if prev.frame.height == 0:
+        raise NothingDone(f"no image files in {src}; nothing to bucket, no manifest written")
+    frame = assign(prev.frame, table, opts)
+    rep = report(frame, table, off_grid=grid)
+    prev.derive(frame, "bucket", meta).write(req.out, overwrite=req.overwrite)
+    return rep, frame, prev.get("table") == table.name
+
+
+def _bucket_folder(req, src, table, opts, meta, grid, progress):  # noqa: ANN001, ANN202
+    """Scan, bucket and write a folder's manifest with the rows kept in Rust (no Polars, no
+    NumPy: most of a small folder's time would be their import). Returns the report."""
+    from pycore import _rust
+    from pycore.curation.assign import report_from_summary
+    from pycore.curation.scan import scan_folder_rows
+    from pycore.io import atomic_path
+    from pycore.manifest_meta import first, footer
+
+    if progress is not None:
+        progress.stage("walking", None, "files")
+    res = scan_folder_rows(str(src), hash=req.hash, max_pixels=req.max_pixels, threads=opts.threads,
+                           progress=progress.advance if progress else None,
+                           on_listed=(lambda n: progress.stage("reading headers", n, "files")) if progress else None)  # fmt: skip
+    if len(res.rows) == 0:
+        extra = f" ({sum(res.skipped.values()):,} non-image file(s) skipped)" if res.skipped else ""
+        raise NothingDone(f"no image files in {src}{extra}; nothing to bucket, no manifest written")
+    try:
+        res.rows.assign(list(table.sizes), opts.small, opts.step, opts.min_side, opts.max_crop, opts.flag_only,
+                        opts.seed, opts.threads)  # fmt: skip
+    except ValueError as e:
+        raise HwError(str(e)) from None
+    rep = report_from_summary(res.rows.summary(), table, skipped=res.skipped, problems=res.problems, off_grid=grid)
+    meta.update(root=res.root, content_hash="xxh3-128" if req.hash else "none")
+    with atomic_path(req.out, overwrite=req.overwrite) as tmp:
+        res.rows.write(str(tmp), list(footer(first("bucket", meta)).items()))
+    return rep
 
 
 def export_kohya(frame: pl.DataFrame, path: str | Path, *, overwrite: bool = False) -> int:

@@ -4,7 +4,8 @@
 
 use crate::bucket::{self, AssignOptions, SmallPolicy};
 use crate::error::{Error, Status};
-use crate::{pool, scan, walk};
+use crate::rows::{self, BucketRows, Summary, SummaryColumns};
+use crate::{parquet_out, pool, scan, walk};
 use numpy::{IntoPyArray, PyReadonlyArray1};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -75,6 +76,28 @@ fn walk_dir(
     Ok((files, r.skipped.into_iter().collect(), problems))
 }
 
+/// Probe `paths` in parallel, Ctrl-C-able between chunks.
+fn scan_cancellable(
+    py: Python<'_>,
+    paths: &[PathBuf],
+    hash: bool,
+    max_pixels: Option<u64>,
+    threads: usize,
+) -> PyResult<Vec<scan::ScanRecord>> {
+    let max_pixels = max_pixels.unwrap_or(crate::limits::MAX_PIXELS);
+    let opts = scan::ScanOptions { hash, max_pixels };
+    detached_cancellable(py, threads, |cancel| {
+        let mut out = Vec::with_capacity(paths.len());
+        for part in paths.chunks(SCAN_CHUNK) {
+            if cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            out.extend(scan::scan_files(part, &opts));
+        }
+        out
+    })
+}
+
 /// Probe files in parallel; returns a dict of columns (lists and NumPy arrays; `status_code`
 /// indexes `STATUSES`).
 #[pyfunction]
@@ -86,18 +109,7 @@ fn scan_files<'py>(
     max_pixels: Option<u64>,
     threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let max_pixels = max_pixels.unwrap_or(crate::limits::MAX_PIXELS);
-    let opts = scan::ScanOptions { hash, max_pixels };
-    let recs = detached_cancellable(py, threads, |cancel| {
-        let mut out = Vec::with_capacity(paths.len());
-        for part in paths.chunks(SCAN_CHUNK) {
-            if cancel.load(Ordering::Relaxed) {
-                break;
-            }
-            out.extend(scan::scan_files(part, &opts));
-        }
-        out
-    })?;
+    let recs = scan_cancellable(py, &paths, hash, max_pixels, threads)?;
     let d = PyDict::new(py);
     d.set_item(
         "status_code",
@@ -163,10 +175,39 @@ fn scan_files<'py>(
     Ok(d)
 }
 
-/// Assign buckets to sizes. Returns a dict of NumPy columns: `assigned` is false for a 0×0
+fn assign_options(
+    small: &str,
+    step: u32,
+    min_side: u32,
+    max_crop: Option<f64>,
+    flag_only: bool,
+    seed: Option<u64>,
+) -> PyResult<AssignOptions> {
+    let small = match small {
+        "upscale" => SmallPolicy::Upscale,
+        "own" => SmallPolicy::Own,
+        "reject" => SmallPolicy::Reject,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown small-image policy {other:?}"
+            )))
+        }
+    };
+    Ok(AssignOptions {
+        small,
+        step,
+        min_side,
+        max_crop,
+        flag_only,
+        random_crop_seed: seed,
+    })
+}
+
+/// Assign buckets to sizes (with `status_codes`: only rows whose status allows it, see
+/// `rows::eligible`). Returns a dict of NumPy columns: `assigned` is false for a 0×0
 /// (unknown) size, whose row keeps its status; `status_code` indexes `STATUSES`.
 #[pyfunction]
-#[pyo3(signature = (table, widths, heights, keys, small="upscale", step=64, min_side=0, max_crop=None, flag_only=false, seed=None, threads=0))]
+#[pyo3(signature = (table, widths, heights, keys, small="upscale", step=64, min_side=0, max_crop=None, flag_only=false, seed=None, threads=0, status_codes=None))]
 #[allow(clippy::too_many_arguments)]
 fn assign_buckets<'py>(
     py: Python<'py>,
@@ -181,31 +222,28 @@ fn assign_buckets<'py>(
     flag_only: bool,
     seed: Option<u64>,
     threads: usize,
+    status_codes: Option<PyReadonlyArray1<'py, u8>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let small = match small {
-        "upscale" => SmallPolicy::Upscale,
-        "own" => SmallPolicy::Own,
-        "reject" => SmallPolicy::Reject,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown small-image policy {other:?}"
-            )))
-        }
-    };
     let (w, h, k) = (widths.as_slice()?, heights.as_slice()?, keys.as_slice()?);
     if w.len() != h.len() {
         return Err(PyValueError::new_err("widths and heights differ in length"));
     }
-    let sizes: Vec<(u32, u32)> = w.iter().copied().zip(h.iter().copied()).collect();
+    let codes = status_codes.as_ref().map(|c| c.as_slice()).transpose()?;
+    if codes.is_some_and(|c| c.len() != w.len()) {
+        return Err(PyValueError::new_err(
+            "status codes and sizes differ in length",
+        ));
+    }
+    // With status codes, rows that are not eligible (failed reads) keep their status.
+    let sizes: Vec<(u32, u32)> = (0..w.len())
+        .map(|i| match codes.map(|c| Status::from_code(c[i])) {
+            Some(Some(st)) if !rows::eligible(st, w[i], h[i]) => (0, 0),
+            Some(None) => (0, 0),
+            _ => (w[i], h[i]),
+        })
+        .collect();
     let keys = k.to_vec();
-    let opts = AssignOptions {
-        small,
-        step,
-        min_side,
-        max_crop,
-        flag_only,
-        random_crop_seed: seed,
-    };
+    let opts = assign_options(small, step, min_side, max_crop, flag_only, seed)?;
     let out = detached(py, threads, || {
         bucket::assign_all(&table, &sizes, &keys, &opts)
     })??;
@@ -244,6 +282,124 @@ fn path_keys<'py>(py: Python<'py>, paths: Vec<PathBuf>) -> Bound<'py, numpy::PyA
             .collect()
     });
     keys.into_pyarray(py)
+}
+
+/// A bucketed manifest's counts (see `rows::summarize`) as a dict.
+fn summary_dict<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("rows", s.rows)?;
+    d.set_item("ok", s.ok)?;
+    let not_ok: Vec<(&str, u64)> = s.not_ok.iter().map(|(st, k)| (st.name(), *k)).collect();
+    d.set_item("not_ok", not_ok)?;
+    d.set_item("buckets", s.buckets.clone())?;
+    d.set_item("upscaled", s.upscaled)?;
+    d.set_item("flagged", s.flagged)?;
+    d.set_item("rotated", s.rotated)?;
+    d.set_item("mean_crop", s.mean_crop)?;
+    Ok(d)
+}
+
+/// Counts of a bucketed manifest from its columns (bucket (0, 0), orientation 0 and crop 0
+/// where a row has none).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn bucket_summary<'py>(
+    py: Python<'py>,
+    status_codes: PyReadonlyArray1<'py, u8>,
+    bucket_widths: PyReadonlyArray1<'py, u32>,
+    bucket_heights: PyReadonlyArray1<'py, u32>,
+    upscaled: PyReadonlyArray1<'py, bool>,
+    flagged: PyReadonlyArray1<'py, bool>,
+    orientation: PyReadonlyArray1<'py, u8>,
+    crop_fraction: PyReadonlyArray1<'py, f64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (bw, bh) = (bucket_widths.as_slice()?, bucket_heights.as_slice()?);
+    if bw.len() != bh.len() {
+        return Err(PyValueError::new_err(
+            "bucket widths and heights differ in length",
+        ));
+    }
+    let cols = SummaryColumns {
+        status: status_codes.as_slice()?.to_vec(),
+        bucket: bw.iter().copied().zip(bh.iter().copied()).collect(),
+        upscaled: upscaled.as_slice()?.to_vec(),
+        flagged: flagged.as_slice()?.to_vec(),
+        orientation: orientation.as_slice()?.to_vec(),
+        crop: crop_fraction.as_slice()?.to_vec(),
+    };
+    summary_dict(py, &rows::summarize(&cols)?)
+}
+
+/// A folder's manifest rows held in Rust from the scan to the Parquet file (`hw bucket DIR`
+/// without a dataframe library): `scan` chunks of paths, `assign` buckets, `summary`, `write`.
+#[pyclass(name = "BucketRows", module = "pycore._rust")]
+#[derive(Default)]
+struct PyBucketRows {
+    inner: BucketRows,
+}
+
+#[pymethods]
+impl PyBucketRows {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Probe `paths` and append their rows (in order).
+    #[pyo3(signature = (paths, hash=true, max_pixels=None, threads=0))]
+    fn scan(
+        &mut self,
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        hash: bool,
+        max_pixels: Option<u64>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let recs = scan_cancellable(py, &paths, hash, max_pixels, threads)?;
+        self.inner.extend(&paths, recs);
+        Ok(())
+    }
+
+    /// Bucket every eligible row (see `assign_buckets` for the options).
+    #[pyo3(signature = (table, small="upscale", step=64, min_side=0, max_crop=None, flag_only=false, seed=None, threads=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn assign(
+        &mut self,
+        py: Python<'_>,
+        table: Vec<(u32, u32)>,
+        small: &str,
+        step: u32,
+        min_side: u32,
+        max_crop: Option<f64>,
+        flag_only: bool,
+        seed: Option<u64>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let opts = assign_options(small, step, min_side, max_crop, flag_only, seed)?;
+        let inner = &mut self.inner;
+        detached(py, threads, || inner.assign(&table, &opts))??;
+        Ok(())
+    }
+
+    fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        summary_dict(py, &self.inner.summary())
+    }
+
+    /// Write the bucketed rows as a manifest Parquet file with these footer key/value pairs.
+    fn write(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        metadata: Vec<(String, String)>,
+    ) -> PyResult<()> {
+        let inner = &self.inner;
+        py.detach(|| parquet_out::write_rows(&path, inner, &metadata))?;
+        Ok(())
+    }
 }
 
 /// A kohya-style generated bucket table.
@@ -443,6 +599,13 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan_files, m)?)?;
     m.add_function(wrap_pyfunction!(assign_buckets, m)?)?;
     m.add_function(wrap_pyfunction!(path_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(bucket_summary, m)?)?;
+    m.add_class::<PyBucketRows>()?;
+    m.add("REJECTED_BY_BUCKETING", rows::REJECTED_BY_BUCKETING)?;
+    m.add(
+        "MANIFEST_COLUMNS",
+        parquet_out::COLUMNS.map(|(n, _)| n).to_vec(),
+    )?;
     m.add_function(wrap_pyfunction!(generate_buckets, m)?)?;
     m.add_function(wrap_pyfunction!(perceptual_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(hash_luma, m)?)?;
