@@ -1,7 +1,7 @@
 //! Writing a folder's bucketed rows as a manifest Parquet file, without a dataframe library.
 //!
-//! The columns, their order and types are the manifest's (pycore/manifest.py `COLUMNS`; the
-//! Python side passes the names so the two cannot drift) and every value follows the rules of the
+//! The columns, their order and types are the manifest's (pycore/manifest.py `COLUMNS`, checked
+//! against [`COLUMNS`] by tests/test_bucket_fast.py) and every value follows the rules of the
 //! Python path it replaces: unknown values are nulls, bucket columns are set only on ok rows,
 //! `path` is the UTF-8 text of the path (invalid bytes as U+FFFD) and `path_bytes` its exact
 //! bytes when they are not UTF-8. tests/test_bucket_fast.py reads files written both ways back
@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result, Status};
 use crate::rows::BucketRows;
-use parquet::basic::Compression;
+use parquet::basic::{Compression, Encoding};
 use parquet::data_type::{
     BoolType, ByteArray, ByteArrayType, DataType, DoubleType, Int32Type, Int64Type,
 };
@@ -17,6 +17,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::{SerializedColumnWriter, SerializedFileWriter};
 use parquet::schema::parser::parse_message_type;
+use parquet::schema::types::ColumnPath;
 use std::fs::File;
 use std::io::BufWriter;
 use std::os::unix::ffi::OsStrExt;
@@ -76,8 +77,11 @@ pub fn write_rows(path: &Path, rows: &BucketRows, metadata: &[(String, String)])
         .iter()
         .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
         .collect();
+    // Sorted paths share long prefixes: delta strings store each once (Polars uses zstd instead).
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
+        .set_column_dictionary_enabled(ColumnPath::from("path"), false)
+        .set_column_encoding(ColumnPath::from("path"), Encoding::DELTA_BYTE_ARRAY)
         .set_key_value_metadata(Some(kv))
         .set_created_by(format!("hw {}", env!("CARGO_PKG_VERSION")))
         .build();
@@ -100,12 +104,11 @@ pub fn write_rows(path: &Path, rows: &BucketRows, metadata: &[(String, String)])
             break;
         }
     }
+    // Flushed here; the caller (pycore.io.atomic_path) syncs and renames the file.
     w.into_inner()
         .map_err(|e| perr(path, e))?
         .into_inner()
-        .map_err(|e| perr(path, e.error()))?
-        .sync_all()
-        .map_err(|e| perr(path, e))?;
+        .map_err(|e| perr(path, e.error()))?;
     Ok(())
 }
 
