@@ -59,12 +59,12 @@ def bucket(
         random_crop=random_crop, seed=seed, hash=not no_hash, max_pixels=MAX_PIXELS if max_pixels is None else max_pixels,
         threads=threads, plot=plot, export_kohya=export_kohya, overwrite=overwrite,
     )  # fmt: skip
-    with BarProgress(disable=json_out) as bar:
+    if json_out:  # machine output: no bar, and no Rich to import
+        print_json(run_bucket(req).to_dict())
+        return
+    with BarProgress() as bar:
         result = run_bucket(req, progress=bar)
-    if json_out:
-        print_json(result.to_dict())
-    else:
-        _print_result(result)
+    _print_result(result)
 
 
 def _print_result(result) -> None:  # noqa: ANN001 (pycore.curation.bucket.BucketResult)
