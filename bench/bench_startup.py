@@ -67,9 +67,10 @@ def _children_cpu() -> float:
 
 
 def timed(argv: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one run of ``argv``."""
+    """(wall seconds, CPU seconds) of one run of ``argv``, started in a neutral folder: `python -c`
+    puts the current folder first on sys.path, which would shadow PYTHONPATH's checkout."""
     c0, t0 = _children_cpu(), time.perf_counter()
-    p = subprocess.run(argv, capture_output=True, text=True, env=env)
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     dt, cpu = time.perf_counter() - t0, _children_cpu() - c0
     if p.returncode != 0:
         sys.exit(f"bench: {' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, tuple[list[str], dict]] = {}
     for tag, tree in trees.items():
         env = dict(os.environ, PYTHONPATH=tree)
-        hw = [py, "-c", "import sys; from cli.app import main; sys.exit(main(sys.argv[1:]))"]
+        hw = [py, "-c", "import sys, cli; assert cli.__file__.startswith(sys.argv[1]), cli.__file__; from cli.app import main; "
+                        "sys.exit(main(sys.argv[2:]))", tree]
         rows[f"{tag}: hw --help"] = (hw + ["--help"], env)
         rows[f"{tag}: hw bucket --help"] = (hw + ["bucket", "--help"], env)
         rows[f"{tag}: hw bucket DIR --no-hash (whole command)"] = (

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +65,7 @@ def bucket_summary(
     """Counts of a bucketed manifest: {rows, ok, not_ok: [(status, n)] most first, buckets:
     [((w, h), n)] of ok rows, upscaled, flagged, rotated, mean_crop}."""
 
+@final
 class BucketRows:
     """A folder's manifest rows held in Rust from the scan to the Parquet file."""
 
