@@ -65,9 +65,10 @@ _registered: set[str] = set()
 def register(argv: list[str] | None = None) -> typer.Typer:
     """Register the command modules ``argv`` needs and return the app to run.
 
-    Without a known command name (`hw --help`, `hw`, a typo) every module is registered and the
-    app returned lists the commands without building their options: building a command's
-    options from its signature is most of the time `hw --help` would otherwise spend."""
+    Without a known command name (`hw --help`, `hw`, a typo) every module is registered; without
+    any command name (`hw`, `hw --help`, `hw --version`) no command can run, and the app returned
+    lists the commands without building their options: building a command's options from its
+    signature is most of the time `hw --help` would otherwise spend."""
     args = sys.argv[1:] if argv is None else argv
     name = next((a for a in args if not a.startswith("-")), None)
     wanted = [COMMANDS[name]] if name in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
@@ -78,13 +79,13 @@ def register(argv: list[str] | None = None) -> typer.Typer:
     for info in app.registered_commands:
         if info.cls in (None, TyperCommand):
             info.cls = HwCommand
-    return app if name in COMMANDS else _listing()
+    return _listing() if name is None else app
 
 
 def _listing() -> typer.Typer:
     """A copy of the app whose commands have their name, help and panel but no options."""
 
-    def _not_run() -> None:  # never called: without a known command name no command runs
+    def _not_run() -> None:  # never called: without a command name no command runs
         raise HwError("internal error: a command listed for help was run")
 
     listing = copy.copy(app)

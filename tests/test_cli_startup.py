@@ -13,13 +13,19 @@ from typer._click.exceptions import BadParameter
 from typer._coercion import build_runtime_param
 
 from cli import fastparams
-from cli.app import register
 
 
 def _bucket_command():  # noqa: ANN202
     import typer.main as tm
 
-    return tm.get_command(register(["bucket"])).commands["bucket"]  # type: ignore[attr-defined]
+    from cli import bucket
+    from cli.common import HwCommand
+
+    app = typer.Typer()
+    bucket.register(app)
+    app.command("other")(lambda: None)  # two commands: a group, as in hw
+    app.registered_commands[0].cls = HwCommand
+    return tm.get_command(app).commands["bucket"]  # type: ignore[attr-defined]
 
 
 def _bucket_params() -> list:
