@@ -9,6 +9,9 @@ EXIF rotation): with --no-hash only headers are read, so the file sizes barely m
 fixed costs (interpreter, imports, walk, Parquet write) are what is measured. With --other-tree
 the same rows run with that checkout's code first on PYTHONPATH (e.g. main, for a before/after).
 Every round runs every row once, in turn, so load from other processes hits all rows alike.
+Next to the wall time each row's CPU time (user + system of the child process, all threads) is
+recorded: on a shared, loaded machine it moves far less than the wall time, so both are printed
+with the load average.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import io
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,13 +61,20 @@ def make_small_corpus(root: Path, n: int, seed: int = 0) -> None:
         (sub / f"img{i:06d}.{ext}").write_bytes(data)
 
 
-def timed(argv: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
-    p = subprocess.run(argv, capture_output=True, text=True, env=env)
-    dt = time.perf_counter() - t0
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(argv: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of ``argv``, started in a neutral folder: `python -c`
+    puts the current folder first on sys.path, which would shadow PYTHONPATH's checkout."""
+    c0, t0 = _children_cpu(), time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    dt, cpu = time.perf_counter() - t0, _children_cpu() - c0
     if p.returncode != 0:
         sys.exit(f"bench: {' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
-    return dt
+    return dt, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, tuple[list[str], dict]] = {}
     for tag, tree in trees.items():
         env = dict(os.environ, PYTHONPATH=tree)
-        hw = [py, "-c", "import sys; from cli.app import main; sys.exit(main(sys.argv[1:]))"]
+        hw = [py, "-c", "import sys, cli; assert cli.__file__.startswith(sys.argv[1]), cli.__file__; from cli.app import main; "
+                        "sys.exit(main(sys.argv[2:]))", tree]
         rows[f"{tag}: hw --help"] = (hw + ["--help"], env)
         rows[f"{tag}: hw bucket --help"] = (hw + ["bucket", "--help"], env)
         rows[f"{tag}: hw bucket DIR --no-hash (whole command)"] = (
@@ -91,23 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("pil", "imagesize"):
         rows[f"{kind} script (whole)"] = ([py, "-c", BASELINE_SCRIPT, str(corpus), str(tmp / f"{kind}.json"), kind, EXTS], env)
     times: dict[str, list[float]] = {k: [] for k in rows}
+    cpus: dict[str, list[float]] = {k: [] for k in rows}
     for k, (cmd, e) in rows.items():  # one untimed warm-up each (page cache, .pyc)
         timed(cmd, e)
+    load0 = os.getloadavg()
     for _ in range(a.rounds):
         for k, (cmd, e) in rows.items():
-            times[k].append(timed(cmd, e))
+            wall, cpu = timed(cmd, e)
+            times[k].append(wall)
+            cpus[k].append(cpu)
     load = os.getloadavg()
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{a.n} files, {a.rounds} interleaved rounds, medians; load average during the run {load[0]:.1f}/{load[1]:.1f} "
-          f"on {os.cpu_count()} cores")  # fmt: skip
+    cmed = {k: statistics.median(v) for k, v in cpus.items()}
+    print(f"{a.n} files, {a.rounds} interleaved rounds, medians; load average (1/5 min) {load0[0]:.1f}/{load0[1]:.1f} "
+          f"before, {load[0]:.1f}/{load[1]:.1f} after, on {os.cpu_count()} cores")  # fmt: skip
     for k, v in med.items():
-        print(f"  {k:55s} {v:7.3f} s   (min {min(times[k]):.3f}, max {max(times[k]):.3f})")
+        print(f"  {k:55s} wall {v:7.3f} s (min {min(times[k]):.3f}, max {max(times[k]):.3f})   CPU {cmed[k]:.3f} s")
     for tag in trees:
         hwk = f"{tag}: hw bucket DIR --no-hash (whole command)"
-        print(f"  {tag}: Pillow script / hw bucket = {med['pil script (whole)'] / med[hwk]:.1f}x;"
-              f" imagesize script / hw bucket = {med['imagesize script (whole)'] / med[hwk]:.2f}x")
+        for what, m in (("wall", med), ("CPU", cmed)):
+            print(f"  {tag} ({what}): Pillow script / hw bucket = {m['pil script (whole)'] / m[hwk]:.1f}x;"
+                  f" imagesize script / hw bucket = {m['imagesize script (whole)'] / m[hwk]:.2f}x")
     if a.json:
-        Path(a.json).write_text(json.dumps({"n": a.n, "rounds": a.rounds, "load": load, "times": times, "median": med}, indent=1))
+        Path(a.json).write_text(json.dumps({"n": a.n, "rounds": a.rounds, "load_before": load0, "load_after": load,
+                                            "times": times, "cpu": cpus, "median": med, "cpu_median": cmed}, indent=1))  # fmt: skip
     return 0
 
 

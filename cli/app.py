@@ -7,6 +7,7 @@ imports its heavy dependencies (polars, numpy, torch, rich tables) inside the co
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -62,7 +63,12 @@ _registered: set[str] = set()
 
 
 def register(argv: list[str] | None = None) -> typer.Typer:
-    """Register the command modules ``argv`` needs (all of them without a known command name)."""
+    """Register the command modules ``argv`` needs and return the app to run.
+
+    Without a known command name (`hw --help`, `hw`, a typo) every module is registered; without
+    any command name (`hw`, `hw --help`, `hw --version`) no command can run, and the app returned
+    lists the commands without building their options: building a command's options from its
+    signature is most of the time `hw --help` would otherwise spend."""
     args = sys.argv[1:] if argv is None else argv
     name = next((a for a in args if not a.startswith("-")), None)
     wanted = [COMMANDS[name]] if name in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
@@ -73,7 +79,22 @@ def register(argv: list[str] | None = None) -> typer.Typer:
     for info in app.registered_commands:
         if info.cls in (None, TyperCommand):
             info.cls = HwCommand
-    return app
+    return _listing() if name is None else app
+
+
+def _listing() -> typer.Typer:
+    """A copy of the app whose commands have their name, help and panel but no options."""
+
+    def _not_run() -> None:  # never called: without a command name no command runs
+        raise HwError("internal error: a command listed for help was run")
+
+    listing = copy.copy(app)
+    listing.registered_commands = []
+    for info in app.registered_commands:
+        entry = copy.copy(info)
+        entry.callback = _not_run
+        listing.registered_commands.append(entry)
+    return listing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            register(argv)
-            app(args=argv, prog_name="hw")
+            register(argv)(args=argv, prog_name="hw")
     except SystemExit as e:  # Typer's normal exit, usage errors (code 2) included
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:

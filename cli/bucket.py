@@ -59,7 +59,7 @@ def bucket(
 ) -> None:
     from cli.common import BarProgress, print_json
     from pycore.curation.bucket import BucketRequest, bucket as run_bucket
-    from pycore.curation.scan_sources import SourceOptions
+    from pycore.curation.shards import SourceOptions
     from pycore.limits import MAX_PIXELS
 
     req = BucketRequest(
@@ -70,12 +70,12 @@ def bucket(
         sources=SourceOptions(image_column=image_column, caption_column=caption_column, sidecars=sidecars,
                               ray=ray, ray_workers=ray_workers),
     )  # fmt: skip
-    with BarProgress(disable=json_out) as bar:
+    if json_out:  # machine output: no bar, and no Rich to import
+        print_json(run_bucket(req).to_dict())
+        return
+    with BarProgress() as bar:
         result = run_bucket(req, progress=bar)
-    if json_out:
-        print_json(result.to_dict())
-    else:
-        _print_result(result)
+    _print_result(result)
 
 
 def _print_result(result) -> None:  # noqa: ANN001 (pycore.curation.bucket.BucketResult)

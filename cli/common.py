@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from cli import fastparams
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
@@ -40,10 +42,11 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output fil
 
 class _PlainHelp:
     """Help as users read it: `SRC` (not Typer's `{SRC}`) in the usage line, and no `<bool>` type
-    next to on/off flags."""
+    next to on/off flags. Plain values are coerced without Pydantic (cli.fastparams)."""
 
     def get_params(self, ctx: Any) -> list:
         params = super().get_params(ctx)  # type: ignore[misc]
+        fastparams.install(params)
         for p in params:
             if getattr(p, "is_flag", False) and p.metavar is None:
                 p.metavar = ""

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
@@ -14,8 +14,13 @@ STATUSES: list[str]
 BUCKET_STATUSES: list[str]
 #: Pillow's DecompressionBombError threshold (2 * Image.MAX_IMAGE_PIXELS).
 MAX_PIXELS: int
+#: The ``error`` of a row rejected by bucketing is this followed by its status.
+REJECTED_BY_BUCKETING: str
+#: The manifest columns ``BucketRows.write`` writes, in order.
+MANIFEST_COLUMNS: list[str]
 __all__ = [
-    "__version__", "STATUSES", "BUCKET_STATUSES", "MAX_PIXELS", "walk_dir", "scan_files", "assign_buckets", "path_keys", "generate_buckets",
+    "__version__", "STATUSES", "BUCKET_STATUSES", "MAX_PIXELS", "REJECTED_BY_BUCKETING", "MANIFEST_COLUMNS", "walk_dir",
+    "scan_files", "assign_buckets", "path_keys", "bucket_summary", "BucketRows", "generate_buckets",
     "perceptual_hashes", "hash_luma", "decode_luma", "hamming_pairs", "connected_components", "group_max_distances",
     "tar_index", "scan_ranges", "scan_buffers", "perceptual_hashes_buffers",
 ]
@@ -43,9 +48,50 @@ def assign_buckets(
     flag_only: bool = False,
     seed: int | None = None,
     threads: int = 0,
+    status_codes: npt.NDArray[np.uint8] | None = None,
 ) -> dict[str, Any]:
-    """Assign buckets; a dict of NumPy columns (``assigned`` is False for 0×0 sizes, which keep their
+    """Assign buckets; a dict of NumPy columns (``assigned`` is False for 0×0 sizes and, with
+    ``status_codes``, for rows whose status is neither ok nor a bucketing one: they keep their
     status; ``status_code`` indexes ``STATUSES``)."""
+
+def bucket_summary(
+    status_codes: npt.NDArray[np.uint8],
+    bucket_widths: npt.NDArray[np.uint32],
+    bucket_heights: npt.NDArray[np.uint32],
+    upscaled: npt.NDArray[np.bool_],
+    flagged: npt.NDArray[np.bool_],
+    orientation: npt.NDArray[np.uint8],
+    crop_fraction: npt.NDArray[np.float64],
+) -> dict[str, Any]:
+    """Counts of a bucketed manifest: {rows, ok, not_ok: [(status, n)] most first, buckets:
+    [((w, h), n)] of ok rows, upscaled, flagged, rotated, mean_crop}."""
+
+@final
+class BucketRows:
+    """A folder's manifest rows held in Rust from the scan to the Parquet file."""
+
+    def __new__(cls) -> BucketRows: ...
+    def __len__(self) -> int: ...
+    def scan(
+        self, paths: Sequence[str | os.PathLike[str]], hash: bool = True, max_pixels: int | None = None, threads: int = 0
+    ) -> None:
+        """Probe ``paths`` and append their rows (in order)."""
+    def assign(
+        self,
+        table: Sequence[tuple[int, int]],
+        small: str = "upscale",
+        step: int = 64,
+        min_side: int = 0,
+        max_crop: float | None = None,
+        flag_only: bool = False,
+        seed: int | None = None,
+        threads: int = 0,
+    ) -> None:
+        """Bucket every eligible row (see ``assign_buckets``)."""
+    def summary(self) -> dict[str, Any]:
+        """The counts of ``bucket_summary`` over these rows."""
+    def write(self, path: str | os.PathLike[str], metadata: Sequence[tuple[str, str]]) -> None:
+        """Write the bucketed rows as a manifest Parquet file with these footer key/value pairs."""
 
 def path_keys(paths: Sequence[str | os.PathLike[str]]) -> npt.NDArray[np.uint64]:
     """xxh3-64 of each path's bytes (keys for seeded random crops)."""

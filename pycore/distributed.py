@@ -31,11 +31,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from pycore.errors import HwError, first_line
+
+if TYPE_CHECKING:
+    import polars as pl
 
 ENV = "HW_RAY_ADDRESS"
 #: Files per unit when a folder of loose images or a manifest's rows are split for Ray.
@@ -98,6 +99,8 @@ class UnitResult:
     extras: list[dict[str, Any]] = field(default_factory=list)
 
     def frame(self) -> pl.DataFrame:
+        import polars as pl
+
         return pl.concat(self.frames, how="vertical_relaxed") if self.frames else pl.DataFrame()
 
 
@@ -131,6 +134,8 @@ def run_units(
     """Run ``fn(unit) -> (rows, extra)`` for every unit as a Ray Data job (a session must be
     active, see :func:`session`); parts go to ``parts_dir`` (shared storage). ``units`` must be
     JSON-serialisable. Returns the rows in unit order."""
+    import polars as pl
+
     ray = _import_ray()
     if not units:
         return UnitResult([], [])
@@ -216,6 +221,8 @@ def scan_units(units: list[dict[str, Any]], scan: ScanUnit, *, address: str, nea
                workers: int | None = None, progress: Callable[[int], None] | None = None,
                ) -> tuple[pl.DataFrame, dict[str, int], list[tuple[str, str]]]:  # fmt: skip
     """Scan units on Ray: (frame in unit order, skipped counts, problems), as the local scan gives."""
+    import polars as pl
+
     with session(address, num_cpus=workers), parts_folder(near) as d:
         res = run_units(scan, units, parts_dir=d, workers=workers, progress=progress)
     skipped: dict[str, int] = {}
@@ -239,6 +246,8 @@ class HashUnit:
     stats: bool = False
 
     def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+        import polars as pl
+
         from pycore.sources import perceptual_hashes
 
         r = perceptual_hashes(unit["refs"], self.fast_min_side, self.threads, stats=self.stats)
@@ -250,6 +259,8 @@ def perceptual_hashes(refs: Sequence[str], fast_min_side: int | None, threads: i
                       near: str | os.PathLike[str] | None = None, workers: int | None = None,
                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """:func:`pycore.sources.perceptual_hashes` over Ray: the same columns, in input order."""
+    import polars as pl
+
     chunks = [list(refs[i : i + CHUNK_ROWS]) for i in range(0, len(refs), CHUNK_ROWS)]
     sizes = [len(c) for c in chunks]
 
@@ -298,6 +309,8 @@ class ScoreUnit:
         return _MODELS[key]
 
     def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+        import polars as pl
+
         from pycore.spm.score import score_files
 
         s, e = score_files(self.load(), unit["refs"], unit["prompts"], timestep=self.timestep, batch_size=self.batch_size)
@@ -349,6 +362,8 @@ class CaptionUnit:
     api_key_env: str = "OPENAI_API_KEY"
 
     def __call__(self, unit: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+        import polars as pl
+
         from pycore.caption.store import ResultStore
 
         store = ResultStore(self.store_dir, self.job, tag=f"u{int(unit['k']):06d}")

@@ -30,8 +30,7 @@ import polars as pl
 from pycore import _rust
 from pycore.errors import ManifestError
 from pycore.io import atomic_path
-
-SCHEMA_VERSION = "1"
+from pycore.manifest_meta import SCHEMA_VERSION, display_path, first, footer  # noqa: F401 (re-exported)
 
 #: Every column hw knows, with its Polars type. Unknown extra columns are kept as they are.
 COLUMNS: dict[str, pl.DataType] = {
@@ -116,11 +115,6 @@ def status_names(codes: Any, name: str = "status") -> pl.Series:
 def unknown_statuses(frame: pl.DataFrame) -> list[str]:
     """Status values of ``frame`` that are not in the vocabulary."""
     return sorted(set(frame["status"].unique().drop_nulls().to_list()) - set(STATUSES))
-
-
-def display_path(p: str) -> str:
-    """UTF-8 text for a file-system path (invalid bytes become U+FFFD)."""
-    return os.fsencode(p).decode("utf-8", errors="replace")
 
 
 def path_bytes_or_none(p: str) -> bytes | None:
@@ -224,10 +218,7 @@ def prepare_write(frame: pl.DataFrame, metadata: Mapping[str, object] | None) ->
                             f"(known: {', '.join(STATUSES)})")  # fmt: skip
     known = [c for c in COLUMNS if c in frame.columns]
     frame = frame.select(known + [c for c in frame.columns if c not in COLUMNS])
-    meta = {"hw.schema_version": SCHEMA_VERSION}
-    for k, v in (metadata or {}).items():
-        meta[f"hw.{k}"] = v if isinstance(v, str) else json.dumps(v)
-    return frame, meta
+    return frame, footer(metadata)
 
 
 def write_manifest(
@@ -320,6 +311,4 @@ class Manifest:
 
 def new_manifest(frame: pl.DataFrame, command: str, meta: Mapping[str, object]) -> Manifest:
     """The first manifest of a chain (``hw bucket`` on a folder): ``history`` starts with ``command``."""
-    out = {k: (v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in meta.items()}
-    out["history"] = json.dumps([command])
-    return Manifest(frame, out, None)
+    return Manifest(frame, first(command, meta), None)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from pycore.errors import ManifestError
 from pycore.io import atomic_dir
+
+if TYPE_CHECKING:
+    import polars as pl
 
 #: Rows per part when writing a folder (about 100-300 MB of manifest for hw's columns).
 PART_ROWS = 1_000_000
@@ -50,6 +52,8 @@ def check_manifest_out(out: str | os.PathLike[str], *, inputs=(), overwrite: boo
 
 def is_manifest_folder(path: str | os.PathLike[str]) -> bool:
     """A folder whose first Parquet part carries hw's schema version (a folder of parts)."""
+    import polars as pl
+
     if not os.path.isdir(path):
         return False
     try:
@@ -70,6 +74,8 @@ def part_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 def read_parts(folder: str | os.PathLike[str]) -> pl.DataFrame:
     """All parts as one frame (row order: part order, then rows)."""
+    import polars as pl
+
     files = part_files(folder)
     try:
         return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
@@ -80,6 +86,8 @@ def read_parts(folder: str | os.PathLike[str]) -> pl.DataFrame:
 
 def iter_parts(folder: str | os.PathLike[str]) -> Iterator[tuple[Path, pl.DataFrame]]:
     """(part file, its rows) one part at a time: memory bounded by the largest part."""
+    import polars as pl
+
     for f in part_files(folder):
         try:
             yield f, pl.read_parquet(f)

@@ -4,20 +4,22 @@ Assignment runs in Rust (:func:`pycore._rust.assign_buckets`): the nearest bucke
 log-ratio distance (ties: nearest area, then table order), scale to cover, crop centred or at a
 seeded random offset. Rows already failed for another reason (unreadable, not an image, ...)
 keep their status and get no bucket; rows rejected by an earlier bucketing are re-evaluated.
+The counts of the report come from Rust too (:func:`pycore._rust.bucket_summary`), the same
+code that counts a folder's rows in ``hw bucket DIR``'s fast path (:class:`pycore._rust.BucketRows`),
+so this module imports Polars and NumPy only inside :func:`assign` and :func:`report`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING
 
 from pycore import _rust
 from pycore.curation.tables import BucketTable
 from pycore.errors import HwError
-from pycore.manifest import BUCKET_STATUSES, fs_paths, status_code, status_names
+
+if TYPE_CHECKING:
+    import polars as pl
 
 SMALL_POLICIES = ("upscale", "own", "reject")
 
@@ -59,18 +61,17 @@ BUCKET_COLUMNS = ("bucket_width", "bucket_height", "scale", "scaled_width", "sca
 
 def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.DataFrame:
     """Return the frame with bucket columns (re)computed and bucketing statuses updated."""
+    import numpy as np
+    import polars as pl
+
+    from pycore.manifest import fs_paths, status_code, status_names
+
     if "width" not in frame.columns or "height" not in frame.columns:
         raise HwError("manifest has no width/height columns; bucket the image folder instead")
-    eligible = (
-        pl.col("status").is_in(["ok", *BUCKET_STATUSES])
-        & pl.col("width").is_not_null()
-        & pl.col("height").is_not_null()
-        & (pl.col("width") > 0)
-        & (pl.col("height") > 0)
-    )
-    mask = frame.select(eligible.fill_null(False)).to_series().to_numpy()
-    w = np.where(mask, frame["width"].fill_null(0).to_numpy(), 0).astype(np.uint32)
-    h = np.where(mask, frame["height"].fill_null(0).to_numpy(), 0).astype(np.uint32)
+    # Which rows are bucketed is Rust's decision (status ok or an earlier bucketing's, size known).
+    codes = status_codes(frame["status"])
+    w = frame["width"].fill_null(0).clip(0).cast(pl.UInt32).to_numpy()
+    h = frame["height"].fill_null(0).clip(0).cast(pl.UInt32).to_numpy()
     if opts.seed is not None:
         keys = _rust.path_keys(fs_paths(frame))
     else:
@@ -78,7 +79,7 @@ def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.D
     try:
         out = _rust.assign_buckets(
             list(table.sizes), w, h, keys, opts.small, opts.step, opts.min_side,
-            opts.max_crop, opts.flag_only, opts.seed, opts.threads,
+            opts.max_crop, opts.flag_only, opts.seed, opts.threads, status_codes=codes,
         )  # fmt: skip
     except ValueError as e:
         raise HwError(str(e)) from None
@@ -100,7 +101,7 @@ def assign(frame: pl.DataFrame, table: BucketTable, opts: BucketOptions) -> pl.D
         *[pl.when(okm).then(pl.col(c)).alias(c) for c in ("scale", "crop_fraction", "upscaled", "crop_flagged")],
         # A bucketing rejection explains itself in `error`; an ok row has none from bucketing.
         pl.when(pl.Series(rejected))
-        .then(pl.lit("rejected by bucketing: ") + pl.col("status"))
+        .then(pl.lit(_rust.REJECTED_BY_BUCKETING) + pl.col("status"))
         .when(pl.Series(ok))
         .then(pl.lit(None, dtype=pl.String))
         .otherwise(pl.col("error") if "error" in frame.columns else pl.lit(None, dtype=pl.String))
@@ -127,6 +128,15 @@ class BucketReport:
         return asdict(self)
 
 
+def status_codes(status: pl.Series):  # noqa: ANN201 (a NumPy uint8 array)
+    """Rust status codes of a ``status`` column (the manifest was validated: every name is known)."""
+    import polars as pl
+
+    from pycore.manifest import STATUSES
+
+    return status.replace_strict(list(STATUSES), list(range(len(STATUSES))), return_dtype=pl.UInt8).to_numpy()
+
+
 def report(
     frame: pl.DataFrame,
     table: BucketTable,
@@ -136,12 +146,34 @@ def report(
     off_grid: list[tuple[int, int]] | None = None,
 ) -> BucketReport:
     """Counts per bucket (every table size, empty ones too), rejections by reason, extras."""
-    ok = frame.filter(pl.col("status") == "ok")
-    counts = {
-        (r["bucket_width"], r["bucket_height"]): r["len"]
-        for r in ok.group_by("bucket_width", "bucket_height").len().iter_rows(named=True)
-    }
-    n_ok = len(ok)
+    import polars as pl
+
+    ok = pl.col("status") == "ok"
+
+    def col(name: str, dtype: pl.DataType, fill: object):  # noqa: ANN202
+        if name not in frame.columns:
+            return pl.Series([fill] * len(frame), dtype=dtype).to_numpy()
+        return frame.select(pl.when(ok).then(pl.col(name)).fill_null(fill).cast(dtype)).to_series().to_numpy()
+
+    summary = _rust.bucket_summary(
+        status_codes(frame["status"]), col("bucket_width", pl.UInt32, 0), col("bucket_height", pl.UInt32, 0),
+        col("upscaled", pl.Boolean, False), col("crop_flagged", pl.Boolean, False),
+        col("orientation", pl.UInt8, 0), col("crop_fraction", pl.Float64, 0.0),
+    )  # fmt: skip
+    return report_from_summary(summary, table, skipped=skipped, problems=problems, off_grid=off_grid)
+
+
+def report_from_summary(
+    summary: dict,
+    table: BucketTable,
+    *,
+    skipped: dict[str, int] | None = None,
+    problems: list[tuple[str, str]] | None = None,
+    off_grid: list[tuple[int, int]] | None = None,
+) -> BucketReport:
+    """The report from Rust's counts (``bucket_summary`` / ``BucketRows.summary``)."""
+    counts = {tuple(size): n for size, n in summary["buckets"]}
+    n_ok = summary["ok"]
     sizes = list(table.sizes) + sorted(s for s in counts if s not in table.sizes)
     buckets = []
     for bw, bh in sizes:
@@ -151,24 +183,16 @@ def report(
             "share": c / n_ok if n_ok else 0.0, "in_table": (bw, bh) in table.sizes,
         })  # fmt: skip
     buckets.sort(key=lambda b: (-b["count"], b["aspect"]))
-    rejected = {
-        r["status"]: r["len"]
-        for r in frame.filter(pl.col("status") != "ok").group_by("status").len().sort("len", descending=True).iter_rows(named=True)
-    }
-    rotated = 0
-    if "orientation" in frame.columns:
-        rotated = ok.filter(pl.col("orientation").is_not_null() & (pl.col("orientation") != 1)).height
-    mean_crop = ok["crop_fraction"].mean() if n_ok else 0.0
     return BucketReport(
         table=table.name,
-        total_rows=len(frame),
+        total_rows=summary["rows"],
         ok=n_ok,
-        rejected=rejected,
+        rejected=dict(summary["not_ok"]),
         buckets=buckets,
-        upscaled=int(ok["upscaled"].sum()) if n_ok else 0,
-        flagged=int(ok["crop_flagged"].sum()) if n_ok else 0,
-        rotated=rotated,
-        mean_crop_fraction=float(mean_crop) if mean_crop is not None and not math.isnan(mean_crop) else 0.0,
+        upscaled=summary["upscaled"],
+        flagged=summary["flagged"],
+        rotated=summary["rotated"],
+        mean_crop_fraction=summary["mean_crop"],
         skipped_files=dict(skipped or {}),
         problems=list(problems or []),
         off_grid=[f"{w}x{h}" for w, h in (off_grid or [])],

@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING
 from pycore.checks import check_float, check_int, check_output, resolve_threads
 from pycore.errors import HwError, HwWarning, NothingDone
 from pycore.limits import MAX_PIXELS
-from pycore.manifest_parts import check_manifest_out
 
 if TYPE_CHECKING:
     import polars as pl
 
     from pycore.curation.assign import BucketOptions, BucketReport
-    from pycore.curation.scan_sources import SourceOptions
+    from pycore.curation.shards import SourceOptions
     from pycore.curation.scan import ScanResult
     from pycore.curation.tables import BucketTable
     from pycore.progress import Progress
@@ -82,11 +81,11 @@ class BucketRequest:
     export_kohya: str | Path | None = None
     overwrite: bool = False
     #: Where the images are stored beyond loose files (Parquet image column, tar sidecars) and
-    #: whether the scan runs on Ray (:class:`pycore.curation.scan_sources.SourceOptions`).
+    #: whether the scan runs on Ray (:class:`pycore.curation.shards.SourceOptions`).
     sources: SourceOptions | None = None
 
     def __post_init__(self) -> None:
-        from pycore.curation.scan_sources import SourceOptions
+        from pycore.curation.shards import SourceOptions
         from pycore.curation.shards import LIST_SUFFIXES, SHARD_SUFFIXES, is_pattern
 
         self.sources = self.sources or SourceOptions()
@@ -112,6 +111,8 @@ class BucketRequest:
         if self.flag_crop and self.max_crop is None:
             raise HwError("--flag-crop needs --max-crop")
         inputs = [self.source]
+        from pycore.manifest_parts import check_manifest_out
+
         self.out = check_manifest_out(self.out, inputs=inputs, overwrite=self.overwrite)
         self.plot = check_output(self.plot, inputs=inputs, overwrite=self.overwrite, option="--plot")
         self.export_kohya = check_output(self.export_kohya, inputs=inputs, overwrite=self.overwrite, option="--export-kohya")
@@ -152,8 +153,17 @@ class BucketResult:
     kohya: Path | None = None
     #: Images written to the kohya JSON (None without export_kohya).
     kohya_images: int | None = None
-    #: The manifest rows, for callers that go on in Python.
-    frame: pl.DataFrame | None = field(default=None, repr=False)
+    _frame: pl.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The manifest rows, for callers that go on in Python (read from ``out`` when the
+        folder path wrote them straight from Rust, or when it is a folder of parts)."""
+        if self._frame is None:
+            from pycore.manifest import Manifest
+
+            self._frame = Manifest.read(self.out).frame
+        return self._frame
 
     def to_dict(self) -> dict:
         d = self.report.to_dict()
@@ -164,20 +174,58 @@ class BucketResult:
 
 def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult:
     """Run ``hw bucket``: see the module docstring."""
-    from pycore.curation.assign import assign, report
     from pycore.curation.tables import off_grid
-    from pycore.manifest import Manifest, new_manifest
 
     t0 = time.perf_counter()
     table, opts = req.bucket_table(), req.options()
     src = Path(req.source)
     meta: dict[str, object] = {"table": table.name, "table_sizes": [list(s) for s in table.sizes],
             "options": {k: v for k, v in vars(opts).items() if k != "threads"}, "source": str(src)}  # fmt: skip
-    if _streams_scan(req, src):
-        return _scan_parts(req, table, opts, meta, progress, t0)
-    scan = _scan(req, src, opts.threads, progress)
-    if scan is None and _streams(req, src):
-        return _rebucket_parts(req, table, opts, meta, progress, t0)
+    grid = off_grid(table, SDXL_MULTIPLE)
+    if _plain_folder(req, src):
+        rep = _bucket_folder(req, src, table, opts, meta, grid, progress)
+        frame, rescanned, warned_before = None, True, False
+    else:
+        if _streams_scan(req, src):
+            return _scan_parts(req, table, opts, meta, progress, t0)
+        scan = _scan(req, src, opts.threads, progress)
+        if scan is None and _streams(req, src):
+            return _rebucket_parts(req, table, opts, meta, progress, t0)
+        rep, frame, rescanned, warned_before = _bucket_frame(req, src, scan, table, opts, meta, grid)
+    _warn_off_grid(table, grid, warned_before)
+    result = BucketResult(rep, Path(req.out), rescanned, 0.0, _frame=frame)
+    if req.plot is not None:
+        plot(rep, req.plot, overwrite=req.overwrite)
+        result.plot = Path(req.plot)
+    if req.export_kohya is not None:
+        result.kohya_images = export_kohya(result.frame, req.export_kohya, overwrite=req.overwrite)
+        result.kohya = Path(req.export_kohya)
+        if rep.rotated:
+            warnings.warn(f"{rep.rotated} image(s) carry an EXIF rotation; kohya loads pixels without applying it, so "
+                          "their train_resolution matches the displayed (rotated) image, not kohya's view", HwWarning,
+                          stacklevel=2)  # fmt: skip
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _plain_folder(req: BucketRequest, src: Path) -> bool:
+    """A folder of loose images scanned locally into one manifest file: the fast path, with the
+    rows kept in Rust (no Polars, no NumPy). Shards, Parquet tables, manifest folders, Ray and
+    parts outputs go through the frame path."""
+    from pycore.curation.shards import names_shards
+
+    s = req.sources
+    assert s is not None
+    return (src.is_dir() and not (s.image_column or s.sidecars or s.ray) and not names_shards(src)
+            and not any(src.glob("*.parquet")) and not os.fspath(req.out).endswith(("/", os.sep)))  # fmt: skip
+
+
+def _bucket_frame(req, src, scan, table, opts, meta, grid):  # noqa: ANN001, ANN202
+    """Bucket a scan's frame or re-bucket a manifest with Polars, and write it: (report, frame,
+    whether it was scanned, whether its table was warned about before)."""
+    from pycore.curation.assign import assign, report
+    from pycore.manifest import Manifest, new_manifest
+
     if scan is None:  # a manifest (file or folder of parts) to re-bucket
         prev = Manifest.read(src, required=("path", "status", "width", "height"))
         frame, skipped, problems, rescanned = prev.frame, {}, [], False
@@ -189,24 +237,39 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
         extra = f" ({sum(skipped.values()):,} non-image file(s) skipped)" if skipped else ""
         raise NothingDone(f"no image files in {src}{extra}; nothing to bucket, no manifest written")
     frame = assign(frame, table, opts)
-    grid = off_grid(table, SDXL_MULTIPLE)
     rep = report(frame, table, skipped=skipped, problems=problems, off_grid=grid)
-    _warn_off_grid(table, grid, warned_before)
     manifest = prev.derive(frame, "bucket", meta) if not rescanned else new_manifest(frame, "bucket", meta)
     manifest.write(req.out, overwrite=req.overwrite)
-    result = BucketResult(rep, Path(req.out), rescanned, 0.0, frame=frame)
-    if req.plot is not None:
-        plot(rep, req.plot, overwrite=req.overwrite)
-        result.plot = Path(req.plot)
-    if req.export_kohya is not None:
-        result.kohya_images = export_kohya(frame, req.export_kohya, overwrite=req.overwrite)
-        result.kohya = Path(req.export_kohya)
-        if rep.rotated:
-            warnings.warn(f"{rep.rotated} image(s) carry an EXIF rotation; kohya loads pixels without applying it, so "
-                          "their train_resolution matches the displayed (rotated) image, not kohya's view", HwWarning,
-                          stacklevel=2)  # fmt: skip
-    result.seconds = time.perf_counter() - t0
-    return result
+    return rep, frame, rescanned, warned_before
+
+
+def _bucket_folder(req, src, table, opts, meta, grid, progress):  # noqa: ANN001, ANN202
+    """Scan, bucket and write a folder's manifest with the rows kept in Rust (no Polars, no
+    NumPy: most of a small folder's time would be their import). Returns the report."""
+    from pycore import _rust
+    from pycore.curation.assign import report_from_summary
+    from pycore.curation.scan import scan_folder_rows
+    from pycore.io import atomic_path
+    from pycore.manifest_meta import first, footer
+
+    if progress is not None:
+        progress.stage("walking", None, "files")
+    res = scan_folder_rows(str(src), hash=req.hash, max_pixels=req.max_pixels, threads=opts.threads,
+                           progress=progress.advance if progress else None,
+                           on_listed=(lambda n: progress.stage("reading headers", n, "files")) if progress else None)  # fmt: skip
+    if len(res.rows) == 0:
+        extra = f" ({sum(res.skipped.values()):,} non-image file(s) skipped)" if res.skipped else ""
+        raise NothingDone(f"no image files in {src}{extra}; nothing to bucket, no manifest written")
+    try:
+        res.rows.assign(list(table.sizes), opts.small, opts.step, opts.min_side, opts.max_crop, opts.flag_only,
+                        opts.seed, opts.threads)  # fmt: skip
+    except ValueError as e:
+        raise HwError(str(e)) from None
+    rep = report_from_summary(res.rows.summary(), table, skipped=res.skipped, problems=res.problems, off_grid=grid)
+    meta.update(root=res.root, content_hash="xxh3-128" if req.hash else "none")
+    with atomic_path(req.out, overwrite=req.overwrite) as tmp:
+        res.rows.write(str(tmp), list(footer(first("bucket", meta)).items()))
+    return rep
 
 
 def _streams(req: BucketRequest, src: Path) -> bool:

@@ -1,18 +1,25 @@
-"""Scanning a folder of images into a manifest frame (the work is done in Rust)."""
+"""Scanning a folder of images into a manifest frame (the work is done in Rust).
+
+:func:`scan_folder` gives a Polars frame; :func:`scan_folder_rows` keeps the rows in Rust
+(:class:`pycore._rust.BucketRows`) for ``hw bucket DIR``, which then needs neither Polars nor
+NumPy. Both walk and probe with the same Rust code.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING
 
 from pycore import _rust
 from pycore.errors import HwError
 from pycore.limits import MAX_PIXELS
-from pycore.manifest import display_path, path_columns, status_names
+from pycore.manifest_meta import display_path
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
 
 #: File extensions treated as images (case-insensitive). The format itself is always read from
 #: the file's bytes; the extension only decides which files are looked at.
@@ -58,6 +65,11 @@ def scan_paths(
     chunk: int = 8192,
 ) -> pl.DataFrame:
     """Probe files (in Rust, in parallel, GIL released) into manifest columns, in input order."""
+    import numpy as np
+    import polars as pl
+
+    from pycore.manifest import path_columns, status_names
+
     parts: dict[str, list] = {}
     for start in range(0, len(paths), chunk):
         cols = _rust.scan_files(paths[start : start + chunk], hash, max_pixels, threads)
@@ -102,6 +114,8 @@ def scan_paths(
 
 
 def empty_scan_frame() -> pl.DataFrame:
+    import polars as pl
+
     from pycore.manifest import COLUMNS
 
     names = ["path", "path_bytes", "status", "error", "warning", "format", "width", "height",
@@ -125,3 +139,36 @@ def scan_folder(
         on_listed(len(files))
     frame = scan_paths(files, hash=hash, max_pixels=max_pixels, threads=threads, progress=progress)
     return ScanResult(frame, display_path(root), skipped, problems)
+
+
+@dataclass
+class FolderRows:
+    """A scanned folder whose rows stay in Rust (see :func:`scan_folder_rows`)."""
+
+    rows: _rust.BucketRows
+    root: str
+    skipped: dict[str, int] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_folder_rows(
+    root: str,
+    *,
+    hash: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    threads: int = 0,
+    progress: Callable[[int], None] | None = None,
+    on_listed: Callable[[int], None] | None = None,
+    chunk: int = 8192,
+) -> FolderRows:
+    """:func:`scan_folder` with the rows kept in Rust, to be bucketed and written from there."""
+    root = os.path.abspath(root)
+    files, skipped, problems = list_images(root, threads)
+    if on_listed:
+        on_listed(len(files))
+    rows = _rust.BucketRows()
+    for start in range(0, len(files), chunk):
+        rows.scan(files[start : start + chunk], hash, max_pixels, threads)
+        if progress:
+            progress(min(chunk, len(files) - start))
+    return FolderRows(rows, display_path(root), skipped, problems)

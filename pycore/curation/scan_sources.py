@@ -22,6 +22,7 @@ from pycore import _rust
 from pycore.errors import HwError
 from pycore.curation.scan import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ScanResult, empty_scan_frame
 from pycore.manifest import path_columns, status_code, status_names
+from pycore.curation.shards import SourceOptions  # noqa: F401 (re-exported)
 from pycore.sources import member_name, parquet_ref, tar_ref
 
 #: Sidecar extensions carried into the manifest with ``sidecars=True``: member ``KEY.txt`` →
@@ -282,32 +283,6 @@ def scan_tables(
     if "member_offset" in frame.columns:
         frame = frame.drop("member_offset")
     return ScanResult(frame, root, {}, [])
-
-
-@dataclass
-class SourceOptions:
-    """Where the images are, beyond a folder of files (``hw bucket`` options)."""
-
-    #: Parquet tables: the column holding image bytes (binary, or HF datasets' {bytes, path}).
-    image_column: str | None = None
-    #: Parquet tables: a text column carried into the manifest as ``source_caption``.
-    caption_column: str | None = None
-    #: Tar shards: carry ``KEY.txt`` as ``source_caption`` and ``KEY.json`` as ``source_json``.
-    sidecars: bool = False
-    #: Run the scan on Ray at this address (``local``, ``auto``, ``HOST:PORT``; pycore.distributed).
-    ray: str | None = None
-    #: With ``ray``: at most this many concurrent tasks.
-    ray_workers: int | None = None
-
-    def __post_init__(self) -> None:
-        from pycore.checks import check_int
-        from pycore.distributed import address_from
-
-        if self.caption_column and not self.image_column:
-            raise HwError("--caption-column applies to Parquet tables read with --image-column")
-        self.ray = address_from(self.ray)
-        if self.ray_workers is not None:
-            check_int("--ray-workers", self.ray_workers, 1, 4096)
 
 
 def scan_source(

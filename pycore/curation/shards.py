@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pycore.errors import HwError
@@ -186,3 +187,31 @@ def _only_shard_files(folder: str) -> bool:
     except OSError:
         return False
     return True
+
+
+@dataclass
+class SourceOptions:
+    """Where the images are, beyond a folder of files (``hw bucket`` options)."""
+
+    #: Parquet tables: the column holding image bytes (binary, or HF datasets' {bytes, path}).
+    image_column: str | None = None
+    #: Parquet tables: a text column carried into the manifest as ``source_caption``.
+    caption_column: str | None = None
+    #: Tar shards: carry ``KEY.txt`` as ``source_caption`` and ``KEY.json`` as ``source_json``.
+    sidecars: bool = False
+    #: Run the scan on Ray at this address (``local``, ``auto``, ``HOST:PORT``; pycore.distributed).
+    ray: str | None = None
+    #: With ``ray``: at most this many concurrent tasks.
+    ray_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        from pycore.checks import check_int
+
+        if self.caption_column and not self.image_column:
+            raise HwError("--caption-column applies to Parquet tables read with --image-column")
+        if self.ray is not None or os.environ.get("HW_RAY_ADDRESS"):
+            from pycore.distributed import address_from
+
+            self.ray = address_from(self.ray)
+        if self.ray_workers is not None:
+            check_int("--ray-workers", self.ray_workers, 1, 4096)

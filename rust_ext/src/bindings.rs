@@ -4,7 +4,10 @@
 
 use crate::bucket::{self, AssignOptions, SmallPolicy};
 use crate::error::{Error, Status};
-use crate::{pool, scan, walk};
+use crate::rows;
+use crate::{parquet_out, pool, scan, walk};
+
+mod bucket_rows;
 use numpy::{IntoPyArray, PyReadonlyArray1};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -75,6 +78,28 @@ fn walk_dir(
     Ok((files, r.skipped.into_iter().collect(), problems))
 }
 
+/// Probe `paths` in parallel, Ctrl-C-able between chunks.
+fn scan_cancellable(
+    py: Python<'_>,
+    paths: &[PathBuf],
+    hash: bool,
+    max_pixels: Option<u64>,
+    threads: usize,
+) -> PyResult<Vec<scan::ScanRecord>> {
+    let max_pixels = max_pixels.unwrap_or(crate::limits::MAX_PIXELS);
+    let opts = scan::ScanOptions { hash, max_pixels };
+    detached_cancellable(py, threads, |cancel| {
+        let mut out = Vec::with_capacity(paths.len());
+        for part in paths.chunks(SCAN_CHUNK) {
+            if cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            out.extend(scan::scan_files(part, &opts));
+        }
+        out
+    })
+}
+
 /// Probe files in parallel; returns a dict of columns (lists and NumPy arrays; `status_code`
 /// indexes `STATUSES`).
 #[pyfunction]
@@ -86,25 +111,43 @@ fn scan_files<'py>(
     max_pixels: Option<u64>,
     threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let max_pixels = max_pixels.unwrap_or(crate::limits::MAX_PIXELS);
-    let opts = scan::ScanOptions { hash, max_pixels };
-    let recs = detached_cancellable(py, threads, |cancel| {
-        let mut out = Vec::with_capacity(paths.len());
-        for part in paths.chunks(SCAN_CHUNK) {
-            if cancel.load(Ordering::Relaxed) {
-                break;
-            }
-            out.extend(scan::scan_files(part, &opts));
-        }
-        out
-    })?;
+    let recs = scan_cancellable(py, &paths, hash, max_pixels, threads)?;
     crate::bindings_shards::record_columns(py, &recs)
 }
 
-/// Assign buckets to sizes. Returns a dict of NumPy columns: `assigned` is false for a 0×0
+fn assign_options(
+    small: &str,
+    step: u32,
+    min_side: u32,
+    max_crop: Option<f64>,
+    flag_only: bool,
+    seed: Option<u64>,
+) -> PyResult<AssignOptions> {
+    let small = match small {
+        "upscale" => SmallPolicy::Upscale,
+        "own" => SmallPolicy::Own,
+        "reject" => SmallPolicy::Reject,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown small-image policy {other:?}"
+            )))
+        }
+    };
+    Ok(AssignOptions {
+        small,
+        step,
+        min_side,
+        max_crop,
+        flag_only,
+        random_crop_seed: seed,
+    })
+}
+
+/// Assign buckets to sizes (with `status_codes`: only rows whose status allows it, see
+/// `rows::eligible`). Returns a dict of NumPy columns: `assigned` is false for a 0×0
 /// (unknown) size, whose row keeps its status; `status_code` indexes `STATUSES`.
 #[pyfunction]
-#[pyo3(signature = (table, widths, heights, keys, small="upscale", step=64, min_side=0, max_crop=None, flag_only=false, seed=None, threads=0))]
+#[pyo3(signature = (table, widths, heights, keys, small="upscale", step=64, min_side=0, max_crop=None, flag_only=false, seed=None, threads=0, status_codes=None))]
 #[allow(clippy::too_many_arguments)]
 fn assign_buckets<'py>(
     py: Python<'py>,
@@ -119,31 +162,28 @@ fn assign_buckets<'py>(
     flag_only: bool,
     seed: Option<u64>,
     threads: usize,
+    status_codes: Option<PyReadonlyArray1<'py, u8>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let small = match small {
-        "upscale" => SmallPolicy::Upscale,
-        "own" => SmallPolicy::Own,
-        "reject" => SmallPolicy::Reject,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown small-image policy {other:?}"
-            )))
-        }
-    };
     let (w, h, k) = (widths.as_slice()?, heights.as_slice()?, keys.as_slice()?);
     if w.len() != h.len() {
         return Err(PyValueError::new_err("widths and heights differ in length"));
     }
-    let sizes: Vec<(u32, u32)> = w.iter().copied().zip(h.iter().copied()).collect();
+    let codes = status_codes.as_ref().map(|c| c.as_slice()).transpose()?;
+    if codes.is_some_and(|c| c.len() != w.len()) {
+        return Err(PyValueError::new_err(
+            "status codes and sizes differ in length",
+        ));
+    }
+    // With status codes, rows that are not eligible (failed reads) keep their status.
+    let sizes: Vec<(u32, u32)> = (0..w.len())
+        .map(|i| match codes.map(|c| Status::from_code(c[i])) {
+            Some(Some(st)) if !rows::eligible(st, w[i], h[i]) => (0, 0),
+            Some(None) => (0, 0),
+            _ => (w[i], h[i]),
+        })
+        .collect();
     let keys = k.to_vec();
-    let opts = AssignOptions {
-        small,
-        step,
-        min_side,
-        max_crop,
-        flag_only,
-        random_crop_seed: seed,
-    };
+    let opts = assign_options(small, step, min_side, max_crop, flag_only, seed)?;
     let out = detached(py, threads, || {
         bucket::assign_all(&table, &sizes, &keys, &opts)
     })??;
@@ -390,6 +430,13 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan_files, m)?)?;
     m.add_function(wrap_pyfunction!(assign_buckets, m)?)?;
     m.add_function(wrap_pyfunction!(path_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(bucket_rows::bucket_summary, m)?)?;
+    m.add_class::<bucket_rows::PyBucketRows>()?;
+    m.add("REJECTED_BY_BUCKETING", rows::REJECTED_BY_BUCKETING)?;
+    m.add(
+        "MANIFEST_COLUMNS",
+        parquet_out::COLUMNS.map(|(n, _)| n).to_vec(),
+    )?;
     m.add_function(wrap_pyfunction!(generate_buckets, m)?)?;
     m.add_function(wrap_pyfunction!(perceptual_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(hash_luma, m)?)?;

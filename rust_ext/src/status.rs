@@ -107,6 +107,11 @@ impl Status {
     }
 
     /// The status of a name; an unknown name is an error listing the known ones.
+    /// The status of a code (`None` past the last one).
+    pub fn from_code(code: u8) -> Option<Status> {
+        Status::ALL.get(usize::from(code)).copied()
+    }
+
     pub fn from_name(name: &str) -> crate::error::Result<Status> {
         Status::ALL
             .iter()
