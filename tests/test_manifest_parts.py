@@ -84,7 +84,7 @@ def test_rebucket_streams_part_by_part_with_the_same_rows(hw, tmp_path, monkeypa
     got = bucket(BucketRequest(tmp_path / "parts", tmp_path / "again", table="sdxl"))
     ref = bucket(BucketRequest(tmp_path / "whole.parquet", tmp_path / "again.parquet", table="sdxl"))
     monkeypatch.undo()
-    assert got.frame is None and not got.rescanned
+    assert got._frame is None and not got.rescanned
     assert read_manifest(tmp_path / "again").equals(read_manifest(tmp_path / "again.parquet"))
     assert got.report.to_dict() == ref.report.to_dict()
     assert len(list((tmp_path / "again").iterdir())) == 4
@@ -149,5 +149,5 @@ def test_scan_of_shards_into_a_folder_streams_whole_shards_per_part(tmp_path, mo
     sizes = [pl.read_parquet(p).height for p in sorted((tmp_path / "parts").iterdir())]
     assert sizes[:-1] == [6] * (len(sizes) - 1) and sum(sizes) == len(items)  # two whole shards per part
     assert read_manifest(tmp_path / "parts").equals(read_manifest(tmp_path / "one.parquet"))
-    assert got.frame is None and got.report.to_dict() == one.report.to_dict()
+    assert got._frame is None and got.report.to_dict() == one.report.to_dict()
     assert Manifest.read(tmp_path / "parts").history == ["bucket"]
