@@ -111,7 +111,6 @@ def spo_train(
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.", rich_help_panel=RUN)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds an earlier run (its checkpoints, samples, logs and LoRA are removed).", rich_help_panel=RUN)] = False,
 ) -> None:
-    from pycore.errors import HwError
     from pycore.spo.settings import explicit_fields, resolve_config
 
     if list_options:
@@ -121,6 +120,9 @@ def spo_train(
                    sample_batch_size=sample_batch_size, train_batch_size=sample_batch_size, gradient_accumulation_steps=grad_accum,
                    mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, spm_dtype=spm_dtype,
                    vae_dtype=vae_dtype, vae_slicing=vae_slicing, vae_tiling=vae_tiling, use_8bit_adam=use_8bit_adam, seed=seed)  # fmt: skip
+    missing = [n for n, v in (("--base", base), ("--spm", spm), ("--prompts", prompts), ("--out", out)) if v is None]
+    if missing and not (plan or print_config):
+        raise typer.BadParameter("required, not given", param_hint=", ".join(missing))
     family = None
     if base is not None and (plan or not print_config):
         from pycore.diffusion.load import detect_family
@@ -134,9 +136,6 @@ def spo_train(
     if plan:
         _print_plan(cfg, gpu_memory, explicit, memory, json_out)
         return
-    missing = [n for n, v in (("--base", base), ("--spm", spm), ("--prompts", prompts), ("--out", out)) if v is None]
-    if missing:
-        raise HwError(f"missing {', '.join(missing)} (see hw spo-train --help)")
     from pycore.spo.run import TrainRequest, train
 
     def say(msg: str) -> None:
