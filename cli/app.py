@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperCommand
 
 from cli.common import HwCommand, HwGroup
-from pycore.errors import HwError, HwWarning
+from pycore.errors import HwError, HwWarning, first_line
 
 #: Command name → the cli module that registers it, in pipeline order (curate, caption, score and
 #: train preference models, SPO training, LoRA tools).
@@ -59,9 +59,6 @@ def _root(
     """Curate SDXL fine-tuning image sets and preference-tune SDXL."""
 
 
-_registered: set[str] = set()
-
-
 def _command_name(args: list[str]) -> str | None:
     """The command ``args`` name (the first word, when it is one of hw's commands)."""
     name = next((a for a in args if not a.startswith("-")), None)
@@ -72,10 +69,11 @@ def register(argv: list[str] | None = None) -> typer.Typer:
     """Register the command modules ``argv`` needs (all of them without a known command name)."""
     name = _command_name(sys.argv[1:] if argv is None else argv)
     wanted = [COMMANDS[name]] if name else list(dict.fromkeys(COMMANDS.values()))
+    done: set[str] = app.__dict__.setdefault("_hw_modules", set())  # per app object (tests swap it)
     for module in wanted:
-        if module not in _registered:
+        if module not in done:
             importlib.import_module(module).register(app)
-            _registered.add(module)
+            done.add(module)
     for info in app.registered_commands:
         if info.cls in (None, TyperCommand):
             info.cls = HwCommand
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, BrokenPipeError):  # `hw … --json | head`: the reader went away
             return _broken_pipe()
-        print(f"hw: error: {e}", file=sys.stderr)
+        print(f"hw: error: {first_line(e, 2000)}", file=sys.stderr)  # one line even if a library's message is not
         return getattr(e, "exit_code", 1)
     return 0
 

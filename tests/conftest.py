@@ -187,3 +187,37 @@ def assert_interrupted(r: Interrupted) -> None:
     """Exit 130 and exactly one `hw: …` line, `hw: interrupted`; no traceback, panic or 'Aborted!'."""
     said = [ln for ln in r.lines if ln.startswith("hw:") or "Traceback" in ln or "Panic" in ln or "Aborted" in ln or "Error" in ln]
     assert (r.code, said) == (130, ["hw: interrupted"]), "\n".join(r.lines[-40:])
+
+
+# --- file permissions as an ordinary user sees them, also when the tests run as root (CI) ---
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that runs a program without the power to ignore file permissions.
+
+    As root: `setpriv` (util-linux, an essential Debian package) clears every capability
+    (bounding, inheritable, hence permitted and effective), so CAP_DAC_OVERRIDE & co. are gone and
+    mode bits apply as to any user; the uid stays 0 so the program can still read the shared venv
+    and the test's files (both in root-only folders). As another user: nothing to do."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.fail("running as root: setpriv (Debian package util-linux) is needed to test file permissions")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+@pytest.fixture
+def hw_unprivileged():
+    """Run `hw ARGS...` in a subprocess without root's power over permissions (see unprivileged())."""
+    import subprocess
+    import sys
+
+    def run(*args: object, timeout: float = 600) -> Result:
+        p = subprocess.run([*unprivileged(), sys.executable, "-m", "cli.app", *map(str, args)], cwd=REPO,
+                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    return run

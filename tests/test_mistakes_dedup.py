@@ -96,17 +96,7 @@ def test_apply_into_a_file_is_refused_before_any_work(hw, dup_set, tmp_path):
     assert not out.exists() and tree_digest(d, m, blocker) == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
-def test_apply_into_unwritable_folder_is_refused(hw, dup_set, tmp_path):
-    d, m = dup_set
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        r = hw("dedup", m, "--out", tmp_path / "o.parquet", "--apply", f"move:{ro}/dups")
-        assert_one_line_error(r, 1, "cannot write")
-    finally:
-        ro.chmod(0o700)
+# --apply move:DIR into an unwritable folder: tests/test_mistakes_permissions.py (runs under root too).
 
 
 def test_apply_that_moves_nothing_exits_3(hw, dup_set, tmp_path):

@@ -100,16 +100,22 @@ def test_check_output(tmp_path):
 
 
 def test_check_output_unwritable_folder(tmp_path):
+    """As an ordinary user sees it, also under root (tests.conftest.unprivileged drops the capabilities)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, unprivileged
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    code = ("import sys; from pycore.checks import check_output\n"
+            "try: check_output(sys.argv[1])\nexcept Exception as e: print(type(e).__name__, e)")  # fmt: skip
     try:
-        if os.access(ro, os.W_OK):  # root without CAP_DAC_OVERRIDE dropped: nothing to test
-            pytest.skip("running with a capability that writes anywhere")
-        with pytest.raises(HwError, match="not writable"):
-            checks.check_output(ro / "x.parquet")
+        p = subprocess.run([*unprivileged(), sys.executable, "-c", code, str(ro / "x.parquet")], capture_output=True, text=True, cwd=REPO)
     finally:
         ro.chmod(0o700)
+    assert p.stdout.startswith("HwError") and "not writable" in p.stdout, p.stdout + p.stderr
 
 
 def test_hub_names(tmp_path, monkeypatch):
