@@ -138,18 +138,23 @@ def spo_train(
         return
     from pycore.spo.run import TrainRequest, train
 
-    def say(msg: str) -> None:
-        if not json_out:
-            console.print(msg, soft_wrap=True, highlight=False, markup=False)
-
     req = TrainRequest(base=base, spm=spm, prompts=str(prompts), out=str(out), config=cfg, prompt_column=prompt_column, vae=vae,  # type: ignore[arg-type]
                        base_config=base_config, spm_base=spm_base, spm_processor=spm_processor,
                        sample_prompts=str(sample_prompts) if sample_prompts else None, num_samples=num_samples,
                        sample_every=sample_every, resume=resume, overwrite=overwrite, stop_after_epochs=stop_after_epochs, cpu=cpu,
                        log_with=() if no_tensorboard else ("tensorboard",), memory=memory, gpu_memory=gpu_memory, explicit=explicit)  # fmt: skip
-    report = train(req, say=say)
+    report = train(req, say=_quiet if json_out else _say)
     if "rank" not in report:  # only the main process reports
         _render_train(report, json_out)
+
+
+def _say(msg: str) -> None:
+    """pycore's progress messages of a run, as plain text on stderr."""
+    console.print(msg, soft_wrap=True, highlight=False, markup=False)
+
+
+def _quiet(msg: str) -> None:
+    """--json: the report on stdout is all the output."""
 
 
 def _print_plan(cfg, gpu_memory: float | None, explicit: frozenset[str], memory: str, json_out: bool) -> None:  # type: ignore[no-untyped-def]
