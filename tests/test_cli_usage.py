@@ -158,3 +158,19 @@ def test_real_entry_point(tmp_path, args, line):
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "COLUMNS": "80"})  # fmt: skip
     assert (p.returncode, p.stderr, p.stdout) == (2, line + "\n", "")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_shape(hw, command):
+    """Every command's help: an example line, options grouped in panels, arguments in capitals in the
+    usage line (no `{src}`), no `<bool>` next to flags."""
+    r = hw(command, "--help")
+    assert r.code == 0, r.err
+    usage = next(ln for ln in r.out.splitlines() if "Usage:" in ln)
+    assert "{" not in usage and "}" not in usage, usage
+    args = usage.split("[OPTIONS]", 1)[1].split()
+    assert all(a.rstrip(".").isupper() for a in args), usage
+    assert "Example: hw " + command in " ".join(r.out.split()), r.out[:2000]
+    assert "<bool>" not in r.out
+    panels = [ln for ln in r.out.splitlines() if ln.startswith("╭─ ") and "Arguments" not in ln]
+    assert len(panels) >= 2 or command == "lora-info", panels
