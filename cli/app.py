@@ -8,18 +8,19 @@ imports its heavy dependencies (polars, numpy, torch, rich tables) inside the co
 from __future__ import annotations
 
 import copy
+import importlib
 import os
+import re
 import sys
 import warnings
-
-import importlib
+from typing import Any
 
 import typer
 
 from typer.core import TyperCommand
 
 from cli.common import HwCommand, HwGroup
-from pycore.errors import HwError, HwWarning
+from pycore.errors import HwError, HwWarning, first_line
 
 #: Command name → the cli module that registers it, in pipeline order (curate, caption, score and
 #: train preference models, SPO training, LoRA tools).
@@ -59,7 +60,10 @@ def _root(
     """Curate SDXL fine-tuning image sets and preference-tune SDXL."""
 
 
-_registered: set[str] = set()
+def _command_name(args: list[str]) -> str | None:
+    """The command ``args`` name (the first word, when it is one of hw's commands)."""
+    name = next((a for a in args if not a.startswith("-")), None)
+    return name if name in COMMANDS else None
 
 
 def register(argv: list[str] | None = None) -> typer.Typer:
@@ -70,16 +74,17 @@ def register(argv: list[str] | None = None) -> typer.Typer:
     lists the commands without building their options: building a command's options from its
     signature is most of the time `hw --help` would otherwise spend."""
     args = sys.argv[1:] if argv is None else argv
-    name = next((a for a in args if not a.startswith("-")), None)
-    wanted = [COMMANDS[name]] if name in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    name = _command_name(args)
+    wanted = [COMMANDS[name]] if name else list(dict.fromkeys(COMMANDS.values()))
+    done: set[str] = app.__dict__.setdefault("_hw_modules", set())  # per app object (tests swap it)
     for module in wanted:
-        if module not in _registered:
+        if module not in done:
             importlib.import_module(module).register(app)
-            _registered.add(module)
+            done.add(module)
     for info in app.registered_commands:
         if info.cls in (None, TyperCommand):
             info.cls = HwCommand
-    return _listing() if name is None else app
+    return _listing() if all(a.startswith("-") for a in args) else app
 
 
 def _listing() -> typer.Typer:
@@ -98,26 +103,136 @@ def _listing() -> typer.Typer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the app; known errors become one line on stderr and exit code 1.
+    """Run the app and return its exit code: 0 done, 1 error, 2 usage error, 3 nothing done,
+    130 interrupted. Every failure is one line on stderr (``hw: error: …``, ``hw: interrupted``).
 
-    Set HW_DEBUG=1 to see the traceback instead.
+    Typer/click's own error handling (usage boxes, "Aborted!") is bypassed: the command runs
+    in a context made here, so usage errors, Ctrl-C and pycore's errors all reach this handler.
+    Set HW_DEBUG=1 to see the traceback of an error instead.
     """
     debug = os.environ.get("HW_DEBUG", "") not in ("", "0")
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            register(argv)(args=argv, prog_name="hw")
-    except SystemExit as e:  # Typer's normal exit, usage errors (code 2) included
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            command = typer.main.get_command(register(args))
+            with command.make_context("hw", args) as ctx:
+                command.invoke(ctx)
+    except typer.Exit as e:  # --help, --version, ctx.exit()
+        return e.exit_code
     except KeyboardInterrupt:
-        print("hw: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except typer.Abort:  # a prompt's Ctrl-C/EOF (and click.Abort raised by a command)
+        return _interrupted()
+    except typer.TyperException as e:  # click's UsageError family (exit 2) and ClickException
+        if type(e).__name__ == "NoArgsIsHelpError":  # `hw CMD` alone: its help was printed
+            return 2
+        print(f"hw: error: {usage_message(e, _command_name(args))}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
     except (HwError, OSError) as e:
         if debug:
             raise
-        print(f"hw: error: {e}", file=sys.stderr)
+        if isinstance(e, BrokenPipeError):  # `hw … --json | head`: the reader went away
+            return _broken_pipe()
+        print(f"hw: error: {first_line(e, 2000)}", file=sys.stderr)  # one line even if a library's message is not
         return getattr(e, "exit_code", 1)
     return 0
+
+
+def _interrupted() -> int:
+    """Ctrl-C: one line, exit 130 (outputs are atomic, so nothing partial was left behind)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the one line
+    print("hw: interrupted", file=sys.stderr)
+    return 130
+
+
+def _broken_pipe() -> int:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so that Python's flush at exit does not fail again
+    return 1
+
+
+#: pydantic's error type (Typer validates option values with it) → what went wrong, in our words.
+_VALUE_PROBLEMS = {
+    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number", "float_parsing": "expected a number",
+    "float_type": "expected a number", "bool_parsing": "expected true or false",
+    "finite_number": "expected a finite number",
+}  # fmt: skip
+_BOUNDS = {"greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"), "less_than_equal": ("le", "≤"), "less_than": ("lt", "<")}
+
+
+def usage_message(e: Exception, command: str | None = None) -> str:
+    """One line for a click/Typer usage error: ``<option>: <what is wrong> (see hw CMD --help)``
+    (``command``: the command the arguments named, for errors the parser raises without one)."""
+    param = getattr(e, "param", None)
+    hint = getattr(e, "param_hint", None)
+    name = hint if isinstance(hint, str) else _param_name(param) if param is not None else getattr(e, "option_name", None)
+    kind = type(e).__name__
+    if kind == "MissingParameter":
+        what = "required, not given"
+    elif kind == "NoSuchOption":
+        options = _close_options(name or "", getattr(e, "ctx", None))
+        what = "no such option" + (f" (did you mean {' or '.join(options)}?)" if options else "")
+    elif kind == "BadParameter":
+        what = _value_problem(e)
+    else:
+        what = _sentence(getattr(e, "message", "") or str(e))
+        if name is not None:
+            what = re.sub(rf"^option '{re.escape(name)}' ", "", what)
+            what = "needs a value" if what == "requires an argument" else what
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else f"hw {command}" if command else "hw"
+    hint = f" (see {path} --help)"
+    return f"{name}: {what}{hint}" if name else f"{what}{hint}"
+
+
+def _close_options(typed: str, ctx: Any) -> list[str]:
+    """The command's long options that ``typed`` is a prefix or a near miss of (click's own
+    suggestions count the shared ``--`` and offer ``--out`` for ``--wat``)."""
+    if ctx is None or not typed.startswith("--") or len(typed) < 4:
+        return []
+    import difflib
+
+    names = sorted({o for p in ctx.command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", []) if o.startswith("--")})
+    stem = typed[2:].split("=", 1)[0]
+    near = difflib.get_close_matches(stem, [o[2:] for o in names], n=3, cutoff=0.75)
+    prefixed = [o[2:] for o in names if o[2:].startswith(stem)] if len(stem) >= 3 else []
+    return ["--" + o for o in dict.fromkeys(near + prefixed)][:3]
+
+
+def _param_name(param: Any) -> str:
+    """``--threads`` for an option (its first long name), ``SRC`` for an argument."""
+    opts = list(getattr(param, "opts", []) or [])
+    if getattr(param, "param_type_name", "") == "argument" or not opts:
+        return (param.metavar or param.name or "argument").upper()
+    return next((o for o in opts if o.startswith("--")), opts[0])
+
+
+def _value_problem(e: Exception) -> str:
+    """What is wrong with a value Typer rejected, with the value (pydantic's error is the cause)."""
+    errors = getattr(e.__cause__, "errors", None)
+    err = errors()[0] if callable(errors) and errors() else None
+    if err is None:
+        return _sentence(getattr(e, "message", "") or str(e))
+    got = err.get("input")
+    got_s = f", got {got!r}" if isinstance(got, str) else ""
+    kind, bound = err.get("type", ""), err.get("ctx") or {}
+    if kind in _VALUE_PROBLEMS:
+        return _VALUE_PROBLEMS[kind] + got_s
+    if kind in _BOUNDS:
+        key, sign = _BOUNDS[kind]
+        return f"must be {sign} {bound.get(key)}{got_s}"
+    msg = _sentence(str(err.get("msg", "")).removeprefix("Value error, "))
+    return msg if got is None or repr(got) in msg else msg + got_s
+
+
+def _sentence(msg: str) -> str:
+    """A click/pydantic message as a clause: first letter lower-case, no final full stop."""
+    msg = " ".join(msg.split()).rstrip(".")
+    return msg[:1].lower() + msg[1:] if msg[:2] != msg[:2].upper() else msg
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -50,11 +51,13 @@ class _PlainHelp:
         for p in params:
             if getattr(p, "is_flag", False) and p.metavar is None:
                 p.metavar = ""
+            elif getattr(p, "param_type_name", "") == "argument" and p.metavar is None and p.name:
+                p.metavar = p.name.upper()  # MANIFEST, not `manifest` or `{manifest}`
         return params
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)  # type: ignore[misc]
-        return [x[1:-1] if x.startswith("{") and x.endswith("}") else x for x in pieces]
+        return [re.sub(r"^\{(.*)\}(\.\.\.)?$", r"\1\2", x) for x in pieces]
 
 
 class HwCommand(_PlainHelp, TyperCommand):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Overwrite, console, print_json, progress
+from cli.common import console, print_json, progress
 from pycore.limits import MAX_RESOLUTION
 
 TRAIN_HELP = """Fine-tune SDXL (or SD1.5) with Step-aware Preference Optimization, as a LoRA.
@@ -32,15 +32,19 @@ SAMPLE_HELP = """Generate images with SPO's evaluation settings (DDIM 20 steps, 
 Loads the LoRA with diffusers' own load_lora_weights (diffusers or kohya files). --compare renders
 each prompt and seed without and with the LoRA (OUT/base, OUT/lora, grid.png); with --spm the images
 are scored at t = 0 and the mean paired gain is reported with its standard error.
+
+Example: hw spo-sample --base stabilityai/stable-diffusion-xl-base-1.0 --prompts prompts.txt --lora spo_run/spo_lora_diffusers.safetensors --compare --spm spo-sdxl --out samples
 """
 
-Base = Annotated[str, typer.Option("--base", help="SDXL/SD1.5 model: hub name (stabilityai/stable-diffusion-xl-base-1.0), diffusers folder, or single .safetensors file.", show_default=False)]
-Vae = Annotated[str | None, typer.Option("--vae", help="Replacement VAE (hub name, folder or file), e.g. madebyollin/sdxl-vae-fp16-fix for fp16 decoding.")]
-BaseConfig = Annotated[str | None, typer.Option("--base-config", help="For a single-file --base: the diffusers repo/folder whose configs describe it (default: the official SDXL/SD1.5 repo).")]
-Prompts = Annotated[Path, typer.Option("--prompts", help="Prompts: .txt (one per line), .jsonl (prompt/caption key), or a manifest/table .parquet/.csv.", show_default=False)]
-PromptColumn = Annotated[str | None, typer.Option("--prompt-column", help="Column/key holding the prompt (e.g. caption from hw caption).")]
-SpmBase = Annotated[str | None, typer.Option("--spm-base", help="CLIP config a released SPM .bin was trained from (default yuvalkirstain/PickScore_v1).")]
-SpmProcessor = Annotated[str | None, typer.Option("--spm-processor", help="Tokenizer source for the SPM.")]
+S_IO, S_MODELS, S_SAMPLING, S_RUN = "Prompts and output", "Models", "Sampling", "Run"
+
+Base = Annotated[str, typer.Option("--base", help="SDXL/SD1.5 model: hub name (stabilityai/stable-diffusion-xl-base-1.0), diffusers folder, or single .safetensors file.", show_default=False, rich_help_panel=S_MODELS)]
+Vae = Annotated[str | None, typer.Option("--vae", help="Replacement VAE (hub name, folder or file), e.g. madebyollin/sdxl-vae-fp16-fix for fp16 decoding.", rich_help_panel=S_MODELS)]
+BaseConfig = Annotated[str | None, typer.Option("--base-config", help="For a single-file --base: the diffusers repo/folder whose configs describe it (default: the official SDXL/SD1.5 repo).", rich_help_panel=S_MODELS)]
+Prompts = Annotated[Path, typer.Option("--prompts", help="Prompts: .txt (one per line), .jsonl (prompt/caption key), or a manifest/table .parquet/.csv.", show_default=False, rich_help_panel=S_IO)]
+PromptColumn = Annotated[str | None, typer.Option("--prompt-column", help="Column/key holding the prompt (e.g. caption from hw caption).", rich_help_panel=S_IO)]
+SpmBase = Annotated[str | None, typer.Option("--spm-base", help="CLIP config a released SPM .bin was trained from (default yuvalkirstain/PickScore_v1).", rich_help_panel=S_MODELS)]
+SpmProcessor = Annotated[str | None, typer.Option("--spm-processor", help="Tokenizer source for the SPM.", rich_help_panel=S_MODELS)]
 
 
 def register(app: typer.Typer) -> None:
@@ -111,7 +115,6 @@ def spo_train(
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.", rich_help_panel=RUN)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds an earlier run (its checkpoints, samples, logs and LoRA are removed).", rich_help_panel=RUN)] = False,
 ) -> None:
-    from pycore.errors import HwError
     from pycore.spo.settings import explicit_fields, resolve_config
 
     if list_options:
@@ -121,6 +124,9 @@ def spo_train(
                    sample_batch_size=sample_batch_size, train_batch_size=sample_batch_size, gradient_accumulation_steps=grad_accum,
                    mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, spm_dtype=spm_dtype,
                    vae_dtype=vae_dtype, vae_slicing=vae_slicing, vae_tiling=vae_tiling, use_8bit_adam=use_8bit_adam, seed=seed)  # fmt: skip
+    missing = [n for n, v in (("--base", base), ("--spm", spm), ("--prompts", prompts), ("--out", out)) if v is None]
+    if missing and not (plan or print_config):
+        raise typer.BadParameter("required, not given", param_hint=", ".join(missing))
     family = None
     if base is not None and (plan or not print_config):
         from pycore.diffusion.load import detect_family
@@ -134,23 +140,25 @@ def spo_train(
     if plan:
         _print_plan(cfg, gpu_memory, explicit, memory, json_out)
         return
-    missing = [n for n, v in (("--base", base), ("--spm", spm), ("--prompts", prompts), ("--out", out)) if v is None]
-    if missing:
-        raise HwError(f"missing {', '.join(missing)} (see hw spo-train --help)")
     from pycore.spo.run import TrainRequest, train
-
-    def say(msg: str) -> None:
-        if not json_out:
-            console.print(msg, soft_wrap=True, highlight=False, markup=False)
 
     req = TrainRequest(base=base, spm=spm, prompts=str(prompts), out=str(out), config=cfg, prompt_column=prompt_column, vae=vae,  # type: ignore[arg-type]
                        base_config=base_config, spm_base=spm_base, spm_processor=spm_processor,
                        sample_prompts=str(sample_prompts) if sample_prompts else None, num_samples=num_samples,
                        sample_every=sample_every, resume=resume, overwrite=overwrite, stop_after_epochs=stop_after_epochs, cpu=cpu,
                        log_with=() if no_tensorboard else ("tensorboard",), memory=memory, gpu_memory=gpu_memory, explicit=explicit)  # fmt: skip
-    report = train(req, say=say)
+    report = train(req, say=_quiet if json_out else _say)
     if "rank" not in report:  # only the main process reports
         _render_train(report, json_out)
+
+
+def _say(msg: str) -> None:
+    """pycore's progress messages of a run, as plain text on stderr."""
+    console.print(msg, soft_wrap=True, highlight=False, markup=False)
+
+
+def _quiet(msg: str) -> None:
+    """--json: the report on stdout is all the output."""
 
 
 def _print_plan(cfg, gpu_memory: float | None, explicit: frozenset[str], memory: str, json_out: bool) -> None:  # type: ignore[no-untyped-def]
@@ -210,28 +218,28 @@ def _render_train(report: dict, json_out: bool) -> None:
 def spo_sample(
     base: Base,
     prompts: Prompts,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the images, images.jsonl and summary.json.", show_default=False)],
-    lora: Annotated[str | None, typer.Option("--lora", help="LoRA file (diffusers or kohya), e.g. OUT/spo_lora_diffusers.safetensors.")] = None,
-    lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA strength.")] = 1.0,
-    compare: Annotated[bool, typer.Option("--compare", help="Also render the base model with the same seeds (before/after).")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the images, images.jsonl and summary.json.", show_default=False, rich_help_panel=S_IO)],
+    lora: Annotated[str | None, typer.Option("--lora", help="LoRA file (diffusers or kohya), e.g. OUT/spo_lora_diffusers.safetensors.", rich_help_panel=S_MODELS)] = None,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA strength.", rich_help_panel=S_MODELS)] = 1.0,
+    compare: Annotated[bool, typer.Option("--compare", help="Also render the base model with the same seeds (before/after).", rich_help_panel=S_IO)] = False,
     prompt_column: PromptColumn = None,
-    steps: Annotated[int, typer.Option("--steps", help="DDIM steps (SPO evaluation: 20).", min=1)] = 20,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance (SPO evaluation: 5).", min=1.0)] = 5.0,
-    eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic, diffusers' default; training uses 1).", min=0.0, max=1.0)] = 0.0,
-    resolution: Annotated[int | None, typer.Option("--resolution", help="Image size (default 1024 SDXL, 512 SD1.5).", min=8)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the first image; image n uses seed + n.", min=0)] = 0,
-    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help="Images per prompt (consecutive seeds).", min=1)] = 1,
-    limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N prompts.", min=1)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per pipeline call.", min=1)] = 4,
-    spm: Annotated[str | None, typer.Option("--spm", help="Score the images with this (step-aware) preference model at t = 0.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps (SPO evaluation: 20).", min=1, rich_help_panel=S_SAMPLING)] = 20,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance (SPO evaluation: 5).", min=1.0, rich_help_panel=S_SAMPLING)] = 5.0,
+    eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic, diffusers' default; training uses 1).", min=0.0, max=1.0, rich_help_panel=S_SAMPLING)] = 0.0,
+    resolution: Annotated[int | None, typer.Option("--resolution", help="Image size (default 1024 SDXL, 512 SD1.5).", min=8, rich_help_panel=S_SAMPLING)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first image; image n uses seed + n.", min=0, rich_help_panel=S_SAMPLING)] = 0,
+    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help="Images per prompt (consecutive seeds).", min=1, rich_help_panel=S_SAMPLING)] = 1,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N prompts.", min=1, rich_help_panel=S_IO)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per pipeline call.", min=1, rich_help_panel=S_RUN)] = 4,
+    spm: Annotated[str | None, typer.Option("--spm", help="Score the images with this (step-aware) preference model at t = 0.", rich_help_panel=S_MODELS)] = None,
     vae: Vae = None,
     base_config: BaseConfig = None,
     spm_base: SpmBase = None,
     spm_processor: SpmProcessor = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    json_out: Json = False,
-    overwrite: Overwrite = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", rich_help_panel=S_RUN)] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...", rich_help_panel=S_RUN)] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.", rich_help_panel=S_IO)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the samples of an earlier run in OUT.", rich_help_panel=S_IO)] = False,
 ) -> None:
     from pycore.spo.sample import SampleRequest, sample
 

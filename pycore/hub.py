@@ -7,6 +7,7 @@ pickles (never unpickled unless the user says so, and then only with ``weights_o
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,10 +24,30 @@ class ModelNotFound(HwError):
 
 
 def offline(local_files_only: bool | None = None) -> bool:
-    """Whether hub downloads are off (an explicit flag wins over $HF_HUB_OFFLINE)."""
+    """Whether hub downloads are off: an explicit flag, else $HF_HUB_OFFLINE, else whether the hub's
+    host name does not resolve (no network: huggingface_hub would retry for ~25 s per file)."""
     if local_files_only is not None:
         return local_files_only
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no"):
+        return True
+    return not hub_resolvable()
+
+
+@functools.cache
+def hub_resolvable() -> bool:
+    """Whether the hub endpoint's host name resolves (once per process). Behind a proxy the proxy
+    resolves names, so the answer is yes without asking."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def looks_local(name: str) -> bool:

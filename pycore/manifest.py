@@ -28,7 +28,7 @@ from typing import Any
 import polars as pl
 
 from pycore import _rust
-from pycore.errors import ManifestError
+from pycore.errors import ManifestError, first_line
 from pycore.io import atomic_path
 from pycore.manifest_meta import SCHEMA_VERSION, display_path, first, footer  # noqa: F401 (re-exported)
 
@@ -187,8 +187,7 @@ def read_manifest(path: str | os.PathLike[str], required: Iterable[str] = REQUIR
     try:
         frame = pl.read_parquet(p)
     except (pl.exceptions.PolarsError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ManifestError(f"cannot read manifest {p}: {first}") from None
+        raise ManifestError(f"cannot read manifest {p}: {first_line(e)}") from None
     return validate(frame, required, source=f"manifest {p}")
 
 

@@ -128,3 +128,101 @@ def kit_sd15(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("kit_sd15")
     save_tiny_pipeline(d, sdxl=False)
     return d
+
+
+# --- Ctrl-C while a command works: the interrupt lands after the first progress update ---
+
+
+@dataclass
+class Interrupted:
+    code: int
+    lines: list[str]  # stderr (a terminal) as lines, progress-bar escapes removed
+    progress: tuple[int, int]  # the bar's "done/total" when SIGINT was sent
+
+
+def interrupt_after_progress(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> Interrupted:
+    """Run `hw ARGS` with stderr on a pseudo-terminal (so the progress bar is drawn), wait until
+    the bar shows some items done of more, then send SIGINT and collect what follows.
+
+    No timing assumption: the signal goes out once work is under way (the bar advanced), and
+    the caller makes the rest of the work long (several more progress steps)."""
+    import os
+    import pty
+    import re
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "cli.app", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=slave, env={**os.environ, "COLUMNS": "120", **(env or {})})  # fmt: skip
+    os.close(slave)
+    buf, seen, deadline = b"", None, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    break
+                buf += chunk
+                if seen is None:
+                    counts = [(int(a), int(b)) for a, b in re.findall(rb"(\d+)/(\d+)", buf.replace(b",", b""))]
+                    seen = next((c for c in counts if 0 < c[0] < c[1]), None)
+                    if seen is not None:
+                        p.send_signal(signal.SIGINT)
+            elif p.poll() is not None:
+                break
+        p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    assert seen is not None, f"no progress before the end (exit {p.returncode}):\n{buf.decode(errors='replace')[-3000:]}"
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.decode(errors="replace"))
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    return Interrupted(p.returncode, lines, seen)
+
+
+def assert_interrupted(r: Interrupted) -> None:
+    """Exit 130 and exactly one `hw: …` line, `hw: interrupted`; no traceback, panic or 'Aborted!'."""
+    said = [ln for ln in r.lines if ln.startswith("hw:") or "Traceback" in ln or "Panic" in ln or "Aborted" in ln or "Error" in ln]
+    assert (r.code, said) == (130, ["hw: interrupted"]), "\n".join(r.lines[-40:])
+
+
+# --- file permissions as an ordinary user sees them, also when the tests run as root (CI) ---
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that runs a program without the power to ignore file permissions.
+
+    As root: `setpriv` (util-linux, an essential Debian package) clears every capability
+    (bounding, inheritable, hence permitted and effective), so CAP_DAC_OVERRIDE & co. are gone and
+    mode bits apply as to any user; the uid stays 0 so the program can still read the shared venv
+    and the test's files (both in root-only folders). As another user: nothing to do."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.fail("running as root: setpriv (Debian package util-linux) is needed to test file permissions")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+@pytest.fixture
+def hw_unprivileged():
+    """Run `hw ARGS...` in a subprocess without root's power over permissions (see unprivileged())."""
+    import subprocess
+    import sys
+
+    def run(*args: object, timeout: float = 600) -> Result:
+        p = subprocess.run([*unprivileged(), sys.executable, "-m", "cli.app", *map(str, args)], cwd=REPO,
+                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    return run

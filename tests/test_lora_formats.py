@@ -117,16 +117,15 @@ def test_sdxl_text_encoder_counts_and_single_file_names(sdxl_meta):
             assert homes["text_encoder_2.text_projection"].transpose
 
 
-def test_openclip_fused_names_match_diffusers_converter():
-    """Tiny bigG-shaped encoder: our SGM layout, converted back by diffusers' open_clip converter, is the same model."""
+def test_openclip_fused_names_match_diffusers_converter(tmp_path):
+    """Tiny bigG-shaped encoder (the kit's SDXL text_encoder_2): our SGM layout, converted back by
+    diffusers' open_clip converter, is the same model."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from pycore.lora.checkpoint import sgm_entries
+    from tests.kit.diffusion import build_tiny_models
 
-    torch.manual_seed(0)
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, max_position_embeddings=12, projection_dim=16))  # fmt: skip
+    te2 = build_tiny_models(tmp_path / "tok", sdxl=True, full_layout=True).text_encoder_2
     sd = te2.state_dict()
     plan = sgm_entries({"text_encoder_2": {k: ("F32", tuple(v.shape)) for k, v in sd.items()}})
     ck = {}

@@ -17,48 +17,21 @@ from pycore.lora.convert import load_lora, save_lora  # noqa: E402
 from pycore.lora.io import load_tensors  # noqa: E402
 from pycore.lora.layers import LoraLayer, LoraSet  # noqa: E402
 from pycore.lora.merge import LoraSpec, merge_into_checkpoint  # noqa: E402
+from tests.kit.diffusion import save_tiny_pipeline, tiny_unet_config  # noqa: E402
 
-TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16), norm_num_groups=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=32, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4,
-)  # fmt: skip
-
-
-def tiny_tokenizer(folder):
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    words = ["a</w>", "photo</w>", "of</w>", "cat</w>", "dog</w>"]
-    chars = [c for c in "abcdefghijklmnopqrstuvwxyz"] + [c + "</w>" for c in "abcdefghijklmnopqrstuvwxyz"]
-    vocab = {t: i for i, t in enumerate(["!", *chars, *words, "<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+#: The UNet of the `tiny` pipeline: SDXL's three levels and two layers per block (tests.kit).
+TINY_UNET = tiny_unet_config(sdxl=True, full_layout=True, levels=3)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny SDXL pipeline saved as a diffusers folder and as a single SGM-named file."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    """The kit's tiny SDXL pipeline (three levels, full layout) as a diffusers folder and as a single SGM-named file."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_UNET)
-    te_cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=77, projection_dim=16, bos_token_id=62, eos_token_id=63, pad_token_id=63)  # fmt: skip
-    te1 = CLIPTextModel(CLIPTextConfig(**te_cfg))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
-    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
-    tok = tiny_tokenizer(root / "tok")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler())
     folder = root / "base"
-    pipe.save_pretrained(folder)
+    pipe = save_tiny_pipeline(folder, sdxl=True, full_layout=True, levels=3)
     single = root / "base.safetensors"
-    save_single_file({"unet": unet.state_dict(), "text_encoder": te1.state_dict(), "text_encoder_2": te2.state_dict()}, single)
+    save_single_file({"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
+                      "text_encoder_2": pipe.text_encoder_2.state_dict()}, single)  # fmt: skip
     return {"root": root, "pipe": pipe, "folder": folder, "single": single}
 
 
@@ -90,9 +63,11 @@ def random_lora(pipe, seed: int = 1, rank: int = 2, alpha: float = 3.0) -> LoraS
 
 
 def unet_inputs(pipe):
-    g = torch.Generator().manual_seed(5)
-    return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([10]), encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(1, 16, generator=g), "time_ids": torch.randn(1, 6, generator=g)})  # fmt: skip
+    g, c = torch.Generator().manual_seed(5), pipe.unet.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([10]),
+                encoder_hidden_states=torch.randn(1, 6, c.cross_attention_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(1, pooled, generator=g), "time_ids": torch.randn(1, 6, generator=g)})  # fmt: skip
 
 
 def load_folder_models(folder):
@@ -142,7 +117,8 @@ def test_kohya_export_loads_in_diffusers_like_our_merge(tiny, tmp_path, layout):
     for mod in te2_peft.modules():
         if hasattr(mod, "scaling") and isinstance(mod.scaling, dict) and "default" in mod.scaling:
             mod.scaling["default"] *= 0.7  # the strength we merged with
-    ids = torch.tensor([[62, 5, 9, 30, 63, 63]])
+    tok = tiny["pipe"].tokenizer
+    ids = torch.tensor([[tok.bos_token_id, 5, 9, 30, tok.eos_token_id, tok.eos_token_id]])
     with torch.no_grad():
         torch.testing.assert_close(te2_m(ids).text_embeds, te2_peft(input_ids=ids).text_embeds, atol=1e-4, rtol=0)
     te1_base = tiny["pipe"].text_encoder.state_dict()
@@ -237,7 +213,7 @@ def test_single_file_merge_matches_folder_merge_including_fused_qkv(tiny, tmp_pa
     assert json.loads(meta["hw_merge"])["loras"][0]["weight"] == 1.5
     # OpenCLIP-G fused in_proj: k delta lands on rows d..2d only
     key = fm.SGM_TE2 + "transformer.resblocks.0.attn.in_proj_weight"
-    d = 16
+    d = tiny["pipe"].text_encoder_2.config.hidden_size
     k_delta = 1.5 * lora.layers["text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"].delta()
     torch.testing.assert_close(merged[key][d : 2 * d], base[key][d : 2 * d] + k_delta)
     assert torch.equal(merged[key][:d], base[key][:d]) and torch.equal(merged[key][2 * d :], base[key][2 * d :])

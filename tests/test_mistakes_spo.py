@@ -63,7 +63,7 @@ def test_spo_train_with_no_pair_kept_says_so_and_exits_3(hw, models, tmp_path):
 
 def test_spo_train_missing_required_options_name_them(hw, models, tmp_path):
     r = hw("spo-train", "--base", models / "sdxl", "--out", tmp_path / "o")
-    assert_one_line_error(r, 1, "missing --spm, --prompts")
+    assert_one_line_error(r, 2, "--spm, --prompts: required, not given")
     h = hw("spo-train", "--help")
     assert h.code == 0 and "Required" in h.out and "Memory and precision" in h.out and "Example: hw spo-train" in h.out
 

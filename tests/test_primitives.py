@@ -100,16 +100,22 @@ def test_check_output(tmp_path):
 
 
 def test_check_output_unwritable_folder(tmp_path):
+    """As an ordinary user sees it, also under root (tests.conftest.unprivileged drops the capabilities)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, unprivileged
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    code = ("import sys; from pycore.checks import check_output\n"
+            "try: check_output(sys.argv[1])\nexcept Exception as e: print(type(e).__name__, e)")  # fmt: skip
     try:
-        if os.access(ro, os.W_OK):  # root without CAP_DAC_OVERRIDE dropped: nothing to test
-            pytest.skip("running with a capability that writes anywhere")
-        with pytest.raises(HwError, match="not writable"):
-            checks.check_output(ro / "x.parquet")
+        p = subprocess.run([*unprivileged(), sys.executable, "-c", code, str(ro / "x.parquet")], capture_output=True, text=True, cwd=REPO)
     finally:
         ro.chmod(0o700)
+    assert p.stdout.startswith("HwError") and "not writable" in p.stdout, p.stdout + p.stderr
 
 
 def test_hub_names(tmp_path, monkeypatch):
@@ -178,3 +184,26 @@ def test_manifest_derive_keeps_rows_columns_and_metadata(tmp_path):
         m3.derive(m3.frame.head(2), "caption")
     with pytest.raises(ManifestError, match="paths differ"):
         m3.derive(m3.frame.with_columns(pl.lit("/e").alias("path")), "caption")
+
+
+def test_unresolvable_hub_counts_as_offline(monkeypatch, tmp_path):
+    """No network (the hub's name does not resolve): a hub lookup says offline / not cached at once
+    instead of huggingface_hub's ~25 s of retries per file."""
+    import socket
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for k in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    hub.hub_resolvable.cache_clear()
+    try:
+        assert hub.offline() and not hub.offline(False)
+        with pytest.raises(HwError, match="not in the Hugging Face cache while hub access is off"):
+            hub.hub_file("no-such-owner/no-such-repo", "config.json")
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # the proxy resolves names: not offline
+        hub.hub_resolvable.cache_clear()
+        assert not hub.offline()
+    finally:
+        hub.hub_resolvable.cache_clear()

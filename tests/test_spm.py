@@ -250,12 +250,10 @@ def test_half_precision_scores_close_to_fp32(tmp_path, tok, dtype):
 
 
 def test_score_latents_decodes_and_keeps_no_graph(tok):
-    from diffusers import AutoencoderKL
+    from tests.kit.diffusion import near_identity_vae
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=32).eval()  # fmt: skip
+    vae = near_identity_vae(32).eval()
     spm = tiny_spm(tok)
     randomize_time_modules(spm)
     lat = torch.randn(2, 4, 16, 16, requires_grad=True)

@@ -6,7 +6,7 @@ import base64
 import io
 import os
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 
 
 class ImageLoadError(HwError):
@@ -38,8 +38,7 @@ def load_rgb(path: str | os.PathLike[str], max_side: int = 768):
             else:
                 im.load()
     except Exception as e:  # Pillow plugins raise many types on bad files; a bad image is a row, not a crash
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ImageLoadError(f"cannot read image: {msg}") from None
+        raise ImageLoadError(f"cannot read image: {first_line(e)}") from None
     w, h = im.size
     if max_side and min(w, h) > max_side:
         s = max_side / min(w, h)

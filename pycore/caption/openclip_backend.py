@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 
 SOT, EOT = 49406, 49407
 POSITIVE = ("a masterpiece, best quality, beautiful, highly aesthetic image", "an award-winning, stunning, professional image")
@@ -111,9 +111,8 @@ def load_open_clip(name: str, pretrained: str | None, device: str, precision: st
         )
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError/HF errors alike
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "" if schema == "local-dir" else " (weights download from the Hugging Face Hub on first use; offline, use local-dir:/folder or a weights file)"
-        raise HwError(f"cannot load open_clip model {name}" + (f" / {pretrained}" if pretrained and not schema else "") + f": {first[:200]}{hint}") from None
+        raise HwError(f"cannot load open_clip model {name}" + (f" / {pretrained}" if pretrained and not schema else "") + f": {first_line(e, 200)}{hint}") from None
     model.eval()
     return model, preprocess, tokenizer
 
@@ -168,7 +167,7 @@ def load_aesthetic(path: str | os.PathLike[str], in_dim: int, device: str):
             if isinstance(sd, dict) and "state_dict" in sd:
                 sd = sd["state_dict"]
     except Exception as e:
-        raise HwError(f"cannot read aesthetic weights {p}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        raise HwError(f"cannot read aesthetic weights {p}: {first_line(e, 200)}") from None
     if not isinstance(sd, dict):
         raise HwError(f"aesthetic weights {p} are not a state dict")
     sd = {k.removeprefix("module.").removeprefix("layers."): v for k, v in sd.items()}
@@ -181,7 +180,7 @@ def load_aesthetic(path: str | os.PathLike[str], in_dim: int, device: str):
     try:
         mlp.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise HwError(f"aesthetic weights {p} do not match the 1024-128-64-16-1 head: {str(e).splitlines()[0][:200]}") from None
+        raise HwError(f"aesthetic weights {p} do not match the 1024-128-64-16-1 head: {first_line(e, 200)}") from None
     return mlp.to(device=device, dtype=torch.float32).eval()
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 from pycore.hub import PICKLE_SUFFIXES  # one list of pickle suffixes (re-exported for pycore.lora.checkpoint)
 from pycore.io import atomic_path
 
@@ -293,7 +293,7 @@ def load_pickle(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
-        raise LoraError(f"{path}: cannot load with weights_only=True: {str(e).splitlines()[0]}") from None
+        raise LoraError(f"{path}: cannot load with weights_only=True: {first_line(e)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

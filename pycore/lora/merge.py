@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pycore.errors import HwWarning
+from pycore.errors import HwWarning, first_line
 from pycore.lora import formats as fm
 from pycore.lora.checkpoint import Checkpoint, Placement, open_checkpoint
 from pycore.lora.convert import load_lora
@@ -150,7 +150,7 @@ def plan_merge(ck: Checkpoint, loras: Sequence[tuple[LoraSpec, LoraSet]]) -> tup
                     ad.delta_for(torch.empty(pl.shape, device="meta"), pl.shape, "meta")
                 except (LoraError, RuntimeError) as e:
                     where = pl.file.rel or pl.file.path.name
-                    msg = str(e).splitlines()[0]
+                    msg = first_line(e)
                     if hasattr(ad, "delta_shape"):
                         msg = f"LoRA delta {list(ad.delta_shape)} vs weight {list(pl.shape)}"
                     raise LoraError(f"shape mismatch in {spec.path.name}: {target}: {msg} in {where}") from None

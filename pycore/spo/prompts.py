@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 
 DEFAULT_KEYS = ("prompt", "caption", "text")
 TABLE_SUFFIXES = (".parquet", ".csv", ".json")
@@ -135,8 +135,7 @@ def _from_table(path: Path, column: str | None) -> PromptSet:
         else:
             frame = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PromptsError(f"cannot read prompt table {path}: {first}") from None
+        raise PromptsError(f"cannot read prompt table {path}: {first_line(e)}") from None
     key = _pick_key(frame.columns, column, path)
     values = frame.get_column(key).to_list()
     status = frame.get_column("caption_status").to_list() if key == "caption" and "caption_status" in frame.columns else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 from pycore.spo.config import SPOConfig
 
 #: What a finished or started run leaves in its output folder (the only names --overwrite removes).
@@ -69,8 +69,9 @@ class TrainRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from pycore.checks import check_float
+        from pycore.checks import check_float, check_output
 
+        check_output(self.out, overwrite=True, folder=True)  # writable; an existing OUT is prepare_out's to judge
         if self.memory not in ("auto", "off"):
             raise HwError(f"--memory must be auto or off, got {self.memory!r}")
         if self.gpu_memory is not None:
@@ -129,7 +130,7 @@ def make_accelerator(config: SPOConfig, out: Path, *, cpu: bool = False, log_wit
         return Accelerator(mixed_precision=mixed, cpu=cpu, log_with=list(log_with) or None,
                            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))  # fmt: skip
     except (ValueError, RuntimeError) as e:
-        raise HwError(f"cannot set up accelerate with mixed_precision={config.mixed_precision!r}: {str(e).splitlines()[0]}") from e
+        raise HwError(f"cannot set up accelerate with mixed_precision={config.mixed_precision!r}: {first_line(e)}") from e
 
 
 class RunLogger:

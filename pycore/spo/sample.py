@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 from pycore.io import atomic_path, write_text_atomic
 
 OUTPUT_NAMES = ("base", "lora", "images.jsonl", "summary.json", "grid.png")
@@ -50,8 +50,10 @@ class SampleRequest:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        from pycore.checks import check_float, check_int, parse_device
+        from pycore.checks import check_float, check_int, check_output, parse_device
         from pycore.limits import MAX_RESOLUTION
+
+        check_output(self.out, overwrite=True, folder=True)  # writable; existing samples are checked in sample()
 
         check_int("--steps", self.steps, 1, 1000)
         check_float("--guidance", self.guidance, 1.0, 100.0)
@@ -124,7 +126,7 @@ def load_lora_into(pipe: Any, lora: str, scale: float) -> None:
         pipe.load_lora_weights(str(p), adapter_name="spo")
         pipe.set_adapters(["spo"], adapter_weights=[scale])
     except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise HwError(f"diffusers cannot load the LoRA {lora}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise HwError(f"diffusers cannot load the LoRA {lora}: {first_line(e)}") from e
     finally:
         log.removeHandler(seen)
         for h in own:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pycore.errors import HwError
+from pycore.errors import HwError, first_line
 from pycore.diffusion.text import Conditioning, cfg_eps
 from pycore.spo.config import SPOConfig
 from pycore.diffusion.schedule import NoiseSchedule, ddim_step, log_prob
@@ -41,7 +41,7 @@ def add_spo_lora(unet: Any, config: SPOConfig, *, adapter_name: str = "default")
     try:
         unet.add_adapter(lcfg, adapter_name=adapter_name)
     except ValueError as e:
-        raise HwError(f"cannot add the LoRA to the UNet: {str(e).splitlines()[0]}") from e
+        raise HwError(f"cannot add the LoRA to the UNet: {first_line(e)}") from e
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
         raise HwError(f"the LoRA targets {config.lora_targets} matched no UNet module")

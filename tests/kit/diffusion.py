@@ -21,15 +21,22 @@ TIME_EMBED_DIM = 4
 TE2_HIDDEN_FULL = 24
 
 
-def tiny_unet_config(sdxl: bool = True, full_layout: bool = False) -> dict[str, Any]:
+def tiny_unet_config(sdxl: bool = True, full_layout: bool = False, levels: int = 2) -> dict[str, Any]:
     """``full_layout``: SDXL's two layers per block and a second text encoder wider than the first (as 1280 vs 768),
-    so kohya key names and diffusers' single-file conversion map as for the real model; smaller and faster without."""
+    so kohya key names and diffusers' single-file conversion map as for the real model; smaller and faster without.
+    ``levels=3``: SDXL's three resolution levels, the deepest with two transformer blocks per attention (SDXL: 10)."""
     te2 = TE2_HIDDEN_FULL if full_layout else TE_HIDDEN
     cfg: dict[str, Any] = dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2 if full_layout else 1, block_out_channels=(8, 16), norm_num_groups=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True,
     )  # fmt: skip
+    if levels == 3:
+        cfg.update(block_out_channels=(8, 16, 16), attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2),
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
+    elif levels != 2:
+        raise ValueError(f"levels must be 2 or 3, got {levels}")
     if sdxl:
         cfg.update(cross_attention_dim=TE_HIDDEN + te2, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
                    projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM)  # fmt: skip
@@ -59,7 +66,8 @@ class TinyModels:
     text_encoder_2: Any = None
 
 
-def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, full_layout: bool = False) -> TinyModels:
+def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, full_layout: bool = False,
+                      levels: int = 2) -> TinyModels:  # fmt: skip
     """Randomly initialised tiny UNet, VAE and CLIP text encoder(s), seeded; latents are 4×h×w."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -69,7 +77,7 @@ def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = Tru
 
     tok = write_tiny_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(sdxl, full_layout))
+    unet = UNet2DConditionModel(**tiny_unet_config(sdxl, full_layout, levels))
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))  # fmt: skip
     te1 = CLIPTextModel(_text_config(tok, False))
@@ -79,7 +87,8 @@ def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = Tru
     return TinyModels(unet=unet, vae=vae, tokenizer=tok, text_encoder=te1, tokenizer_2=tok, text_encoder_2=te2)
 
 
-def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, full_layout: bool = False) -> Any:
+def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, full_layout: bool = False,
+                       levels: int = 2) -> Any:  # fmt: skip
     """Save the tiny models as a diffusers pipeline folder (model_index.json, SPO's DDIM scheduler); returns the pipeline.
 
     What `hw spo-train --base FOLDER` loads in tests and in the demo, exactly as it loads a real model.
@@ -87,7 +96,7 @@ def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, see
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = os.fspath(folder)
-    m = build_tiny_models(os.path.join(folder, "_tokenizer_src"), sdxl=sdxl, seed=seed, full_layout=full_layout)
+    m = build_tiny_models(os.path.join(folder, "_tokenizer_src"), sdxl=sdxl, seed=seed, full_layout=full_layout, levels=levels)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
                           steps_offset=1, clip_sample=False, set_alpha_to_one=False)  # fmt: skip
     if sdxl:
