@@ -84,3 +84,15 @@ def test_scorer_is_off_the_device_exactly_while_training(tmp_path):
     # the option off: nothing moves
     seen, spm, vae = _run(tmp_path / "off", offload=False)
     assert spm.moves == [] and vae.moves == [] and {s for _, s, _ in seen} == {"cpu"}
+
+
+def test_a_run_may_resume_with_the_offload_switched():
+    """It changes no value, so a run started on a large card may resume on a small one (and `--memory auto` there adds it)."""
+    from pathlib import Path
+
+    from pycore.errors import HwError
+    from pycore.spo.trainer import _check_resumable
+
+    _check_resumable(CFG.to_dict(), CFG.replace(offload_scorer=True), Path("epoch_0001.pt"))
+    with pytest.raises(HwError, match="different configuration"):
+        _check_resumable(CFG.to_dict(), CFG.replace(spm_dtype="float16"), Path("epoch_0001.pt"))

@@ -34,7 +34,7 @@ CKPT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 LOG_FILE = "train_log.jsonl"
 #: Options that may change between a checkpoint and its resumption (they don't change the math).
-RESUMABLE_CHANGES = frozenset({"num_epochs", "checkpoint_every"})
+RESUMABLE_CHANGES = frozenset({"num_epochs", "checkpoint_every", "offload_scorer"})
 
 
 class TrainLogger(Protocol):
