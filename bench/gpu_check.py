@@ -120,6 +120,17 @@ def _reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _move(modules: Any, to: torch.device, device: torch.device) -> float:
+    """Move ``modules`` to ``to``; the seconds it took (synchronised on CUDA)."""
+    t0 = time.perf_counter()
+    for mod in modules:
+        mod.to(to)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return round(time.perf_counter() - t0, 3)
+
+
 def run_option_set(cfg: SPOConfig, tiny: bool, device: torch.device, tmp: Path) -> dict[str, Any]:
     """Build, add the LoRA, run the three phases; measured peaks (GiB; None on the CPU) and the images for the agreement check."""
     from pycore.diffusion.schedule import NoiseSchedule, ddim_step
@@ -162,6 +173,8 @@ def run_option_set(cfg: SPOConfig, tiny: bool, device: torch.device, tmp: Path) 
                                 text_embeds=torch.nn.functional.normalize(torch.randn(nk, m["spm"].model.config.projection_dim), dim=-1).to(device))  # fmt: skip
     out["decode + score"] = _peak(device)
     out["scores_finite"] = bool(torch.isfinite(scores).all())
+    if cfg.offload_scorer:  # as pycore.spo.trainer: the SPM and the VAE leave the card for the training micro-steps
+        out["offload_seconds"] = _move((m["spm"], m["vae"]), torch.device("cpu"), device)
     n = cfg.train_batch_size
     tr = Transitions(x[:n], x[:n] * 0.99, x[n : 2 * n] if nk >= 2 * n else x[:n], x[:n] * 0.98, torch.full((n,), 551, device=device),
                      torch.arange(n, device=device) % nk)  # fmt: skip
@@ -174,6 +187,8 @@ def run_option_set(cfg: SPOConfig, tiny: bool, device: torch.device, tmp: Path) 
     opt.step()
     opt.zero_grad(set_to_none=True)
     out["loss_finite"] = bool(torch.isfinite(loss))
+    if cfg.offload_scorer:  # and come back for the next rollout: the PCIe cost of the rung, per prompt batch
+        out["reload_seconds"] = _move((m["spm"], m["vae"]), device, device)
     del m, unet, params, opt, cond, x, x0, loss
     return {"measured": out, "images": images.cpu()}
 

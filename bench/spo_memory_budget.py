@@ -603,6 +603,7 @@ class Option:
     text_encoder_dtype: str = "float16"
     adam_bytes: float = 8.0  # optimizer state bytes per LoRA parameter (AdamW fp32: 8; 8-bit AdamW: 2 + block statistics)
     flags: str = ""
+    offload_scorer: bool = False  # the SPM and VAE on the CPU during the training micro-steps (pycore.spo.trainer moves them)
 
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -635,6 +636,8 @@ def options() -> list[Option]:
                flags="+ --8bit-adam (bitsandbytes, CUDA)"),
         Option("+ train batch 1 × accumulation 4 (same effective batch)", replace(ck, spm_dtype="float16", decode="sliced", train_batch_size=1),
                text_encoders_resident=False, adam_bytes=2.0, flags="+ --set train_batch_size=1 --set gradient_accumulation_steps=4"),
+        Option("+ SPM and VAE on the CPU while training", replace(ck, spm_dtype="float16", decode="sliced", train_batch_size=1),
+               text_encoders_resident=False, adam_bytes=2.0, offload_scorer=True, flags="+ --set offload_scorer=true"),
         *auto_options(),
     ]  # fmt: skip
 
@@ -659,7 +662,7 @@ def auto_options(cards: tuple[int, ...] = CARDS) -> list[Option]:
                    decode=decode_mode(c), spm_dtype=c.spm_dtype, train_batch_size=c.train_batch_size, score_autocast=False)  # fmt: skip
         rows.append(Option(f"hw defaults, `--memory auto` for a {card} GiB card (planned {p.estimate.peak / GiB:.1f} GiB)", ph,
                            text_encoders_resident=not c.cache_prompt_embeddings, adam_bytes=2.0 if c.use_8bit_adam else 8.0,
-                           flags=" ".join(p.flags) or "(no flags)"))  # fmt: skip
+                           flags=" ".join(p.flags) or "(no flags)", offload_scorer=c.offload_scorer))  # fmt: skip
     return rows
 
 
@@ -753,13 +756,15 @@ def main() -> None:
         lora = {"params": lora_n * 4, "grads": lora_n * 4, "optimizer": int(lora_n * opt.adam_bytes)}
         s, tr, sc = phase("sample", ph), phase("train", ph), phase("score", ph)
         static = sum(w.values()) + lora["params"] + lora["optimizer"]
-        peaks = {"rollout UNet call": static + s["peak"], "training micro-step": static + lora["grads"] + tr["peak"],
+        off = w["vae"] + w["spm"] if opt.offload_scorer else 0  # not on the card while training
+        peaks = {"rollout UNet call": static + s["peak"], "training micro-step": static - off + lora["grads"] + tr["peak"],
                  "decode + score": static + sc["peak"]}  # fmt: skip
         total = max(peaks.values())
         rows.append({"name": opt.name, "flags": opt.flags, "phase": asdict(ph), "weights": w, "lora": lora,
                      "sampling_activations": s["peak"], "training_activations": tr["peak"], "training_saved_after_forward": tr["after_forward"],
                      "decode_score_peak": sc["peak"], "decode_peak": sc["decode_peak"], "spm_peak": sc["spm_peak"],
-                     "phase_totals": peaks, "total": total, "peak_phase": max(peaks, key=peaks.get),
+                     "phase_totals": peaks, "total": total, "offload_scorer": opt.offload_scorer,
+                     "pcie_bytes_per_prompt_batch": 2 * off, "peak_phase": max(peaks, key=peaks.get),
                      "fits_gb": {g: total + CONTEXT_RESERVE * GiB <= g * GiB for g in CARDS}})  # fmt: skip
     res["rows"] = rows
     log("decode + score variants …")
@@ -821,7 +826,9 @@ def report(res: dict) -> None:
                      f"{gib(r['decode_score_peak'])} | **{gib(r['total'])}** | {' | '.join(fit)} |")  # fmt: skip
     lines += ["", "Rows are cumulative from the third. Flags and the phase that sets each peak:", ""]
     for r in res["rows"]:
-        lines.append(f"- {r['name']}: `{r['flags']}` — peak in the {r['peak_phase']}")
+        pcie = (f"; {r['pcie_bytes_per_prompt_batch'] / GiB:.1f} GiB over PCIe per prompt batch (SPM + VAE off and back on)"
+                if r.get("offload_scorer") else "")  # fmt: skip
+        lines.append(f"- {r['name']}: `{r['flags']}` — peak in the {r['peak_phase']}{pcie}")
     lines += [f"- {n}" for n in AUTO_NOTES]
     lines += ["", "| decode + score of the 4 candidates at 1024² (SPM fp16) | VAE decode peak | then SPM | peak |", "|---|---:|---:|---:|"]
     for d in res["decode_variants"]:

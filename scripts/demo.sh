@@ -95,12 +95,32 @@ echo "   no downloads in the demo; real use: --model spo-sdxl or yuvalkirstain/P
   --out out/sample_scored.parquet --overwrite
 echo
 echo "== hw spo-train: SPO of a tiny SDXL-shaped pipeline (built here; real use: --base stabilityai/stable-diffusion-xl-base-1.0"
-echo "   --spm spo-sdxl) on the sample's captions, then hw spo-sample: before/after with the same seeds, scored by the SPM"
-"$venv/bin/python" -c 'from tests.kit.diffusion import save_tiny_pipeline; save_tiny_pipeline("out/tiny_sdxl", full_layout=True)'
-"$hw" spo-train --base out/tiny_sdxl --spm out/tiny_spm --prompts out/sample_captioned.parquet --prompt-column caption \
-  --out out/spo_run --resolution 8 --lora-rank 4 --lr 1e-3 --epochs 1 --set threshold=0.0 --num-samples 2 --vae base --overwrite
+echo "   --spm spo-sdxl) on the sample's captions, then hw spo-sample: before/after with the same seeds, scored by the SPM."
+echo "   A random SPM's preference is noise no LoRA can follow, so first hw spm-train teaches a tiny SPM one the tiny UNet"
+echo "   can move: brighter images (96 generated pairs, 40 steps; its pipeline decodes latents near-identically to pixels)."
+mkdir -p out/spo_demo
+"$venv/bin/python" - <<'PY'
+from tests.kit.clip import save_tiny_clip
+from tests.kit.diffusion import save_tiny_pipeline, save_tiny_sd15_denoiser
+from tests.kit.preference import write_brightness_pairs
+save_tiny_sd15_denoiser("out/spo_demo/spm_base", resolution=16)  # the frozen base of spm-train's noising
+save_tiny_clip("out/spo_demo/clip_init", seed=2)                 # PickScore's stand-in
+write_brightness_pairs("out/spo_demo/pairs.parquet", 96, size=16)
+save_tiny_pipeline("out/tiny_sdxl", vae="near_identity")
+PY
+export OMP_NUM_THREADS=1  # tiny tensors: one thread is several times faster than two on a busy 2-core machine
+"$hw" spm-train out/spo_demo/pairs.parquet --base-model out/spo_demo/spm_base --init out/spo_demo/clip_init --out out/spo_demo/spm \
+  --resolution 16 --batch-size 8 --lr 2e-3 --weight-decay 0 --warmup-steps 0 --val-fraction 0.25 --max-steps 40 --eval-every 40 \
+  --log-every 20 --overwrite
+spo_settings=(--resolution 8 --lora-rank 4 --lr 2e-2 --epochs 2 --set threshold=0.0)
+echo "-- SPO settings for a tiny model (official SDXL: 1024², rank 64, lr 1e-5, 10 epochs, threshold 0.4): ${spo_settings[*]}"
+echo "   (few prompts and epochs: a high learning rate, and threshold 0 trains on every best/worst pair for the most signal)"
+"$hw" spo-train --base out/tiny_sdxl --spm out/spo_demo/spm --prompts out/sample_captioned.parquet --prompt-column caption \
+  --out out/spo_run "${spo_settings[@]}" --num-samples 2 --vae base --overwrite
+echo "-- before/after: the same 80 seeds (40 captions × 2) without and with the LoRA, scored by the SPM at t = 0"
 "$hw" spo-sample --base out/tiny_sdxl --lora out/spo_run/spo_lora_diffusers.safetensors --prompts out/sample_captioned.parquet \
-  --prompt-column caption --limit 4 --compare --spm out/tiny_spm --resolution 8 --out out/spo_samples --overwrite
+  --prompt-column caption --images-per-prompt 2 --compare --spm out/spo_demo/spm --resolution 8 --out out/spo_samples --overwrite
+unset OMP_NUM_THREADS
 echo
 echo "== LoRA tools on a tiny generated SDXL-named checkpoint: inspect, convert to kohya, merge, extract, combine; a LyCORIS LoHa file too"
 mkdir -p out/lora_demo
@@ -137,5 +157,6 @@ PY
 echo
 echo "Outputs in out/: sample.parquet (manifest), shards/ + shards_manifest/ (the sample as tar shards, a manifest folder), buckets.png (histogram), kohya_meta.json (kohya metadata),"
 echo "sample_dedup.parquet + dedup_review.html + dedup_stats.svg, caption_batch/ + sample_captioned.parquet + sample_captions.jsonl,"
-echo "sample_scored.parquet, spo_run/ (SPO LoRA, config, checkpoints, samples, logs), spo_samples/ (before/after grid),"
+echo "sample_scored.parquet, spo_demo/ (brightness pairs + the SPM trained on them), spo_run/ (SPO LoRA, config, checkpoints,"
+echo "samples, logs), spo_samples/ (before/after grid),"
 echo "lora_demo/ (converted, merged, extracted and combined LoRAs; a LoHa merged and converted to plain LoRA)"

@@ -11,13 +11,12 @@ from pycore.spo.config import from_preset
 from pycore.spo.memory import GiB, MemoryError_, estimate, fits, plan
 
 #: What `--memory auto` chooses for the official settings (without bitsandbytes, as on this machine and most installs).
+LEAN = ["gradient checkpointing", "SPM in half precision", "VAE slicing", "SPM and VAE on the CPU while training"]
 EXPECTED = {
-    ("sdxl", 1024): {80: [], 24: ["gradient checkpointing"], 16: ["gradient checkpointing", "SPM in half precision", "VAE slicing"],
-                     12: None},  # 12 GiB: the leanest set (11.4 GiB; 10.9 with 8-bit AdamW) + context + 5% margin does not fit
-    ("sd15", 512): {80: [], 24: ["gradient checkpointing"],
-                    # VAE tiling is skipped: at 512² (the tile size) it would not lower the peak
-                    16: ["gradient checkpointing", "SPM in half precision", "VAE slicing", "micro-batch 1 × accumulation 10"],
-                    12: ["gradient checkpointing", "SPM in half precision", "VAE slicing", "micro-batch 1 × accumulation 10"]},
+    # 12 GiB: the SPM and VAE leave the card while training (10.3 GiB, rollout-bound; 11.9 with context + 5% margin)
+    ("sdxl", 1024): {80: [], 24: ["gradient checkpointing"], 16: LEAN[:3], 12: [*LEAN, "micro-batch 1 × accumulation 4"]},
+    # VAE tiling is skipped: at 512² (the tile size) it would not lower the peak
+    ("sd15", 512): {80: [], 24: ["gradient checkpointing"], 16: LEAN, 12: [*LEAN, "micro-batch 1 × accumulation 10"]},
 }  # fmt: skip
 
 
@@ -38,6 +37,20 @@ def test_choices_per_card(family, res, card):
         assert before.estimate.peak > p.estimate.peak
 
 
+def test_12_gib_sdxl_plan_offloads_the_scorer_only_while_training():
+    p = plan(from_preset("sdxl"), 12, bitsandbytes=False)
+    e = p.estimate
+    assert p.config.offload_scorer and "--set offload_scorer=true" in p.flags
+    assert e.peak / GiB <= 12 and fits(e.peak, 12) and e.peak_phase == "rollout"
+    scorer = e.components["spm"] + e.components["vae"]
+    kept = estimate(p.config.replace(offload_scorer=False))
+    assert kept.phases["training micro-step"] - e.phases["training micro-step"] == scorer  # only the training phase drops them
+    assert kept.phases["rollout"] == e.phases["rollout"] and kept.phases["decode + score"] == e.phases["decode + score"]
+    assert not fits(kept.peak, 12)
+    with pytest.raises(MemoryError_, match="does not fit a 12 GiB card"):
+        plan(from_preset("sdxl"), 12, explicit={"offload_scorer"}, bitsandbytes=False)
+
+
 def test_explicit_options_win_and_the_effective_batch_is_kept():
     cfg = from_preset("sdxl")
     p = plan(cfg, 16, explicit={"spm_dtype"}, bitsandbytes=True)
@@ -52,7 +65,8 @@ def test_nothing_fits_names_the_smallest_peak_and_the_flags():
         plan(from_preset("sdxl"), 6, bitsandbytes=False)
     msg = str(e.value)
     assert "\n" not in msg and "does not fit a 6 GiB card: the smallest peak hw reaches is" in msg
-    assert "--gradient-checkpointing --spm-dtype float16 --vae-slicing --set train_batch_size=1" in msg and "bitsandbytes" in msg
+    assert "--gradient-checkpointing --spm-dtype float16 --vae-slicing --set offload_scorer=true --set train_batch_size=1" in msg
+    assert "bitsandbytes" in msg
 
 
 def test_estimate_components_are_the_parameter_counts():

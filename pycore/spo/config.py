@@ -80,6 +80,9 @@ class SPOConfig:
     vae_slicing: bool = _opt(False, "Decode one image at a time.")
     vae_tiling: bool = _opt(False, "Decode in tiles (for large resolutions on small cards).")
     cache_prompt_embeddings: bool = _opt(True, "Encode each prompt once and keep the embeddings on the CPU.")
+    offload_scorer: bool = _opt(False, "Move the step-aware preference model and the VAE to the CPU for the training micro-steps and "
+                                "back for each rollout (frees their memory while training; same results; ~2 × their bytes over PCIe "
+                                "per prompt batch).")
     checkpoint_every: int = _opt(1, "Save a resumable checkpoint every this many epochs.")
 
     def __post_init__(self) -> None:

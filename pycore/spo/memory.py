@@ -13,7 +13,8 @@ bench/spo_memory_calibrate.py (stored in memory_calibration.json next to this fi
   micro-step (reference and policy forward, backward; with or without gradient checkpointing).
 
 The peak of a run is the largest phase total (resident weights + LoRA state + that phase's
-activations). Not included: the CUDA context and library workspaces (CONTEXT_GIB is reserved for
+activations; with ``offload_scorer`` the training micro-step's total leaves out the SPM and the VAE,
+which the trainer keeps on the CPU while it trains). Not included: the CUDA context and library workspaces (CONTEXT_GIB is reserved for
 them) and allocator fragmentation (MARGIN of the peak is kept free).
 """
 
@@ -142,7 +143,10 @@ def estimate(config: SPOConfig, *, text_encoders_resident: bool | None = None) -
         "score": images + activation(act[spm_key(_half(cfg.spm_dtype))], nk, px),
         "training": activation(act[train_key(_half(frozen), cfg.gradient_checkpointing)], cfg.train_batch_size, px),
     }
-    phases = {"rollout": static + a["rollout"], "decode + score": static + max(a["decode"], a["score"]), "training micro-step": static + a["training"]}
+    # offload_scorer: the SPM and the VAE are on the CPU during the training micro-steps (pycore.spo.trainer moves them)
+    scorer = comp["vae"] + comp["spm"] if cfg.offload_scorer else 0.0
+    phases = {"rollout": static + a["rollout"], "decode + score": static + max(a["decode"], a["score"]),
+              "training micro-step": static - scorer + a["training"]}  # fmt: skip
     return Estimate(components=comp, phases=phases, activations=a)
 
 
@@ -169,6 +173,8 @@ def ladder(config: SPOConfig) -> list[Step]:
         Step("SPM in half precision", {"spm_dtype": "float16"}, "--spm-dtype float16"),
         Step("VAE slicing", {"vae_slicing": True}, "--vae-slicing"),
         Step("VAE tiling", {"vae_tiling": True}, "--vae-tiling"),
+        # exact (no change to any value) and cheap: ~2 × (SPM + VAE) bytes over PCIe per prompt batch (bench/README.md)
+        Step("SPM and VAE on the CPU while training", {"offload_scorer": True}, "--set offload_scorer=true"),
         Step("8-bit AdamW", {"use_8bit_adam": True}, "--8bit-adam", needs_bitsandbytes=True),
         Step(f"micro-batch 1 × accumulation {accum}", {"train_batch_size": 1, "gradient_accumulation_steps": accum},
              f"--set train_batch_size=1 --set gradient_accumulation_steps={accum}"),
@@ -200,7 +206,7 @@ class MemoryPlan:
 
 
 PLANNED_FIELDS = ("mixed_precision", "vae_dtype", "spm_dtype", "cache_prompt_embeddings", "gradient_checkpointing", "vae_slicing",
-                  "vae_tiling", "use_8bit_adam", "train_batch_size", "gradient_accumulation_steps")  # fmt: skip
+                  "vae_tiling", "use_8bit_adam", "train_batch_size", "gradient_accumulation_steps", "offload_scorer")  # fmt: skip
 
 
 class MemoryError_(HwError):  # noqa: N801 - not the builtin MemoryError

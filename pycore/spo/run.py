@@ -253,7 +253,8 @@ def train(req: TrainRequest, say: Callable[[str], None] = print) -> dict[str, An
     try:
         result = run_spo(base.unet, encoder, prompts, lambda ps: spm_scorer(spm, base.vae, ps, decode_batch_size=decode_bs), cfg, out,
                          latent_shape, stop_after_epochs=req.stop_after_epochs, accelerator=acc, logger=logger, preview=preview,
-                         offload_text_encoders=cfg.cache_prompt_embeddings and device.type != "cpu", overwrite=False,
+                         offload_text_encoders=cfg.cache_prompt_embeddings and device.type != "cpu", scorer_modules=(spm, base.vae),
+                         overwrite=False,
                          run_record={"memory_plan": memory_plan.to_dict()} if memory_plan is not None else None)  # fmt: skip
     finally:
         logger.close()

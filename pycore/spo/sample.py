@@ -9,10 +9,11 @@ standard error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,10 +198,13 @@ def sample(req: SampleRequest, say: Callable[[str], None] = print, on_image: Cal
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     images: dict[str, list[Any]] = {v: [] for v in variants}
-    for v in variants:
-        if req.lora is not None:
-            pipe.enable_lora() if v == "lora" else pipe.disable_lora()
-        _render(pipe, spm, req, v, jobs, res, out, rows, images[v], on_image)
+    with _truncation_notes() as truncated:
+        for v in variants:
+            if req.lora is not None:
+                pipe.enable_lora() if v == "lora" else pipe.disable_lora()
+            _render(pipe, spm, req, v, jobs, res, out, rows, images[v], on_image)
+    if truncated:
+        say(f"note: CLIP's 77-token limit truncated some prompts, as in every SD pipeline ({truncated[0]} such warnings hidden)")
     write_text_atomic(out / "images.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if req.compare:
         grid = _grid(list(zip(images["base"], images["lora"], strict=True)))
@@ -209,6 +213,33 @@ def sample(req: SampleRequest, say: Callable[[str], None] = print, on_image: Cal
     summary = _summary(req, rows, variants, len(prompts), res, out, time.perf_counter() - t0, scored=spm is not None)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _truncation_notes() -> Iterator[list[int]]:
+    """Hide diffusers'/transformers' per-batch "truncated to 77 tokens" warnings; yields a list that receives their count."""
+    import logging
+
+    seen: set[str] = set()
+    found: list[int] = []
+
+    def hide(record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "only handle sequences up to" in msg or "longer than the specified maximum sequence length" in msg:
+            seen.add(msg)
+            return False
+        return True
+
+    handlers = [h for name in ("diffusers", "transformers") for h in logging.getLogger(name).handlers]
+    for h in handlers:
+        h.addFilter(hide)
+    try:
+        yield found
+    finally:
+        for h in handlers:
+            h.removeFilter(hide)
+        if seen:
+            found.append(len(seen))
 
 
 def _check_lora(lora: str | None) -> None:

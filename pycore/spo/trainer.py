@@ -34,7 +34,7 @@ CKPT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 LOG_FILE = "train_log.jsonl"
 #: Options that may change between a checkpoint and its resumption (they don't change the math).
-RESUMABLE_CHANGES = frozenset({"num_epochs", "checkpoint_every"})
+RESUMABLE_CHANGES = frozenset({"num_epochs", "checkpoint_every", "offload_scorer"})
 
 
 class TrainLogger(Protocol):
@@ -152,6 +152,8 @@ def run_spo(
     logger: TrainLogger | None = None,
     preview: Preview | None = None,
     offload_text_encoders: bool = False,
+    scorer_modules: Sequence[Any] = (),
+    offload_device: Any = "cpu",
     overwrite: bool = False,
     run_record: dict[str, Any] | None = None,
 ) -> RunResult:
@@ -161,12 +163,16 @@ def run_spo(
     ``stop_after_epochs`` ends the run early (after its checkpoint) — for tests and time limits.
     ``offload_text_encoders``: after every prompt is encoded once (cache on), move the text
     encoders to the CPU to free accelerator memory. ``run_record`` is written into spo_config.json
-    next to the options (e.g. the memory plan). Raises :class:`NothingDone` (and writes no
+    next to the options (e.g. the memory plan). With ``config.offload_scorer`` the ``scorer_modules``
+    (the SPM and the VAE) are moved to ``offload_device`` for every training pass and back to the UNet's
+    device for every rollout and preview. Raises :class:`NothingDone` (and writes no
     LoRA) when the whole run kept no pair to train on.
     """
     if not prompts:
         raise HwError("no prompts to train on")
     loop = _Loop.start(unet, encoder, prompts, config, Path(out_dir), latent_shape, accelerator, logger, preview)
+    if config.offload_scorer:
+        loop.offload, loop.offload_device = list(scorer_modules), offload_device
     if encoder.use_cache:  # encode in a fixed grouping, so a resumed run sees bit-identical embeddings
         for i in range(0, len(prompts), config.sample_batch_size):
             encoder(list(prompts[i : i + config.sample_batch_size]))
@@ -221,6 +227,8 @@ class _Loop:
     micro: int = 0  # micro-steps accumulated since the last optimizer step (carried across rollout batches)
     norms: list[float] = field(default_factory=list)  # gradient norms of this batch's optimizer steps
     skipped: int = 0  # optimizer steps of this batch the fp16 loss scaler skipped (non-finite gradients)
+    offload: list[Any] = field(default_factory=list)  # modules kept off the accelerator while training (offload_scorer)
+    offload_device: Any = "cpu"
 
     @classmethod
     def start(cls, unet: Any, encoder: PromptEncoder, prompts: Sequence[str], config: SPOConfig, out: Path, latent_shape: Sequence[int],
@@ -299,6 +307,7 @@ class _Loop:
         batch_prompts = [self.prompts[int(i)] for i in rows]
         g = torch.Generator(device=device).manual_seed(_seed(config, epoch, b + 1) + 7919 * self.rank)
         cond = self.encoder(batch_prompts, device=device)
+        self.place_scorer(device)
         timed = _TimedScorer(scorer_for(batch_prompts))
         roll = spo_rollout(self.unet, cond, timed, config, self.latent_shape, g, unet_context=self.autocast)
         t_roll = time.perf_counter() - t0
@@ -315,6 +324,7 @@ class _Loop:
         t1 = time.perf_counter()
         rec["trained"] = len(tr)
         if len(tr):
+            self.place_scorer(self.offload_device)
             rec.update(self.train_on(tr, epoch, b))
         self.history.append(rec)
         if self.logger is not None:
@@ -378,8 +388,16 @@ class _Loop:
         hint = f"; the last good checkpoint is {last}" if last is not None else ""
         return NonFiniteError(f"{e} (epoch {epoch + 1}, batch {b + 1}); state saved to {bad}{hint}")
 
+    def place_scorer(self, device: Any) -> None:
+        """Phase boundary of offload_scorer: the SPM and VAE onto ``device`` (no-op when already there or not offloading)."""
+        for m in self.offload:
+            m.to(device)
+        if self.offload and torch.device(device).type == "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the freed blocks back, so the training step can use them
+
     def write_preview(self, epoch: int) -> None:
         assert self.preview is not None
+        self.place_scorer(self.device)  # the preview decodes with the VAE
         images = self.preview.render(self.unet, self.encoder, self.config, self.latent_shape, self.device, unet_context=self.autocast)
         self.preview.write(images, self.out / SAMPLES_DIR / f"epoch_{epoch:04d}")
         if self.logger is not None:

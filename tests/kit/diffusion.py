@@ -88,15 +88,21 @@ def build_tiny_models(tokenizer_dir: str | os.PathLike[str], *, sdxl: bool = Tru
 
 
 def save_tiny_pipeline(folder: str | os.PathLike[str], *, sdxl: bool = True, seed: int = 0, full_layout: bool = False,
-                       levels: int = 2) -> Any:  # fmt: skip
+                       levels: int = 2, vae: str = "random") -> Any:  # fmt: skip
     """Save the tiny models as a diffusers pipeline folder (model_index.json, SPO's DDIM scheduler); returns the pipeline.
 
     What `hw spo-train --base FOLDER` loads in tests and in the demo, exactly as it loads a real model.
+    ``vae="near_identity"`` swaps the random VAE for :func:`near_identity_vae` (latent channels 0–2 decode to
+    RGB pixel by pixel), so a preference on image content (e.g. brightness) is one the UNet can move.
     """
+    if vae not in ("random", "near_identity"):
+        raise ValueError(f"vae must be 'random' or 'near_identity', got {vae!r}")
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = os.fspath(folder)
     m = build_tiny_models(os.path.join(folder, "_tokenizer_src"), sdxl=sdxl, seed=seed, full_layout=full_layout, levels=levels)
+    if vae == "near_identity":
+        m.vae = near_identity_vae(m.unet.config.sample_size)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
                           steps_offset=1, clip_sample=False, set_alpha_to_one=False)  # fmt: skip
     if sdxl:
