@@ -177,19 +177,46 @@ fn area_weights(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f32>)> {
         .collect()
 }
 
+/// [`area_weights`] flattened: per output its first input and its span in `w` (`start..end`).
+struct Weights {
+    spans: Vec<(usize, usize, usize)>,
+    w: Vec<f32>,
+}
+
+thread_local! {
+    static WEIGHTS: crate::phash::SizeCache<Weights> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`area_weights`] of `n_in` → `n_out`, flattened, from this thread's cache.
+fn cached_weights(n_in: usize, n_out: usize) -> std::rc::Rc<Weights> {
+    WEIGHTS.with(|cell| {
+        crate::phash::size_cached(cell, (n_in, n_out), 64, || {
+            let mut wt = Weights {
+                spans: Vec::with_capacity(n_out),
+                w: Vec::new(),
+            };
+            for (first, ws) in area_weights(n_in, n_out) {
+                wt.spans.push((first, wt.w.len(), wt.w.len() + ws.len()));
+                wt.w.extend(ws);
+            }
+            wt
+        })
+    })
+}
+
 /// The luma area-averaged to [`work_size`] as f32.
 pub fn working_image(luma: &[u8], w: usize, h: usize) -> (Vec<f32>, usize, usize) {
     let (ow, oh) = work_size(w, h);
     if (ow, oh) == (w, h) {
         return (luma.iter().map(|&v| v as f32).collect(), w, h);
     }
-    let wx = area_weights(w, ow);
-    let wy = area_weights(h, oh);
+    let wx = cached_weights(w, ow);
+    let wy = cached_weights(h, oh);
     // Vertical pass first, along whole rows (vectorises), then the horizontal one on `oh` rows.
     let mut tmp = vec![0f32; w * oh];
-    for (yy, (first, ws)) in wy.iter().enumerate() {
+    for (yy, &(first, a, b)) in wy.spans.iter().enumerate() {
         let dst = &mut tmp[yy * w..(yy + 1) * w];
-        for (k, &wk) in ws.iter().enumerate() {
+        for (k, &wk) in wy.w[a..b].iter().enumerate() {
             let src = &luma[(first + k) * w..(first + k + 1) * w];
             for (d, &v) in dst.iter_mut().zip(src) {
                 *d += v as f32 * wk;
@@ -199,8 +226,12 @@ pub fn working_image(luma: &[u8], w: usize, h: usize) -> (Vec<f32>, usize, usize
     let mut out = vec![0f32; ow * oh];
     for yy in 0..oh {
         let row = &tmp[yy * w..(yy + 1) * w];
-        for (o, (first, ws)) in out[yy * ow..(yy + 1) * ow].iter_mut().zip(&wx) {
-            *o = row[*first..].iter().zip(ws).map(|(&p, &k)| p * k).sum();
+        for (o, &(first, a, b)) in out[yy * ow..(yy + 1) * ow].iter_mut().zip(&wx.spans) {
+            *o = row[first..first + (b - a)]
+                .iter()
+                .zip(&wx.w[a..b])
+                .map(|(&p, &k)| p * k)
+                .sum();
         }
     }
     (out, ow, oh)
@@ -316,11 +347,17 @@ pub fn jpeg_quality(bytes: &[u8]) -> Option<u8> {
             .map(|(&a, &b)| (a as i64 - b as i64).unsigned_abs())
             .sum()
     };
+    static TABLES: std::sync::OnceLock<Vec<([u16; 64], [u16; 64])>> = std::sync::OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        (1..=100u32)
+            .map(|q| (ijg_table(&STD_LUMA, q), ijg_table(&STD_CHROMA, q)))
+            .collect()
+    });
     let mut best = (u64::MAX, 0u32);
-    for q in 1..=100u32 {
-        let mut d = dist(&luma, &ijg_table(&STD_LUMA, q));
+    for (q, (tl, tc)) in (1..=100u32).zip(tables) {
+        let mut d = dist(&luma, tl);
         if let Some(c) = &chroma {
-            d += dist(c, &ijg_table(&STD_CHROMA, q));
+            d += dist(c, tc);
         }
         if d <= best.0 {
             best = (d, q);
