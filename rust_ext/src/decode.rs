@@ -589,8 +589,11 @@ pub fn hash_files(
     cancel: &AtomicBool,
 ) -> Vec<Result<Hashed>> {
     use rayon::prelude::*;
+    // One file per task: a worker that the OS deschedules (a loaded machine) holds up one file,
+    // not a run of them — the others take the rest, as a shared queue would.
     paths
         .par_iter()
+        .with_max_len(1)
         .map(|p| {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::InvalidInput("cancelled".into()));
