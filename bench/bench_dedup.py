@@ -165,18 +165,27 @@ def bench_stats_cost(paths: list[Path], work: Path, rounds: int = 5) -> dict:
     }  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in configs}
     cpu: dict[str, list[float]] = {k: [] for k in configs}
+    load: list[float] = []
     _rust.perceptual_hashes(strs[:8])  # warm the pool and the page cache
     _floor_decode(strs, threads)
-    for _ in range(rounds):
-        for k, f in configs.items():
+    names = list(configs)
+    for r in range(rounds):
+        # Each round runs every configuration once, in an order rotated by one per round, so a
+        # configuration is not always the one after the same neighbour when the load changes.
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            load.append(os.getloadavg()[0])
             c = time.process_time()
-            times[k].append(f())
+            times[k].append(configs[k]())
             cpu[k].append(time.process_time() - c)
     med = {k: float(np.median(v)) for k, v in times.items()}
     mcpu = {k: float(np.median(v)) for k, v in cpu.items()}
     one = stats_cpu_per_image(strs)
     floor = med["floor_turbojpeg_1_8"]
+    paired = {name: _per_round(times, a, b, name.startswith("stats_cost")) for name, a, b in PAIRS}
+    paired_cpu = {name: _per_round(cpu, a, b, name.startswith("stats_cost")) for name, a, b in PAIRS}
     return {"photos": len(paths), "threads": threads, "rounds": rounds, "median_s": med, "all_s": times,
+            "load_1min": {"min": min(load), "median": float(np.median(load)), "max": max(load)},
+            "per_round": paired, "per_round_cpu": paired_cpu,
             "median_cpu_s": mcpu, "all_cpu_s": cpu, "one_thread_cpu_ms_per_image": one,
             "one_thread_stats_cost_exact": one["exact_stats"] / one["exact"] - 1,
             "one_thread_stats_cost_fast": one["fast_stats"] / one["fast"] - 1,
@@ -192,6 +201,24 @@ def bench_stats_cost(paths: list[Path], work: Path, rounds: int = 5) -> dict:
             "stats_cost_dedup_fast": med["dedup_fast_stats"] / med["dedup_fast_nostats"] - 1,
             "fast_share_of_floor": floor / med["hash_fast"],
             "fast_stats_share_of_floor": floor / med["hash_fast_stats"]}  # fmt: skip
+
+
+#: (name, numerator, denominator) of the ratios taken within each round: statistics' cost
+#: (t_with / t_without − 1) and the fast mode's share of its floor (t_floor / t_hw).
+PAIRS = [("stats_cost_hash_exact", "hash_exact_stats", "hash_exact"),
+         ("stats_cost_hash_fast", "hash_fast_stats", "hash_fast"),
+         ("stats_cost_dedup_exact", "dedup_exact_stats", "dedup_exact_nostats"),
+         ("stats_cost_dedup_fast", "dedup_fast_stats", "dedup_fast_nostats"),
+         ("fast_share_of_floor", "floor_turbojpeg_1_8", "hash_fast"),
+         ("fast_stats_share_of_floor", "floor_turbojpeg_1_8", "hash_fast_stats"),
+         ("dedup_fast_share_of_floor", "floor_turbojpeg_1_8", "dedup_fast_nostats"),
+         ("dedup_fast_stats_share_of_floor", "floor_turbojpeg_1_8", "dedup_fast_stats")]  # fmt: skip
+
+
+def _per_round(t: dict[str, list[float]], a: str, b: str, cost: bool) -> dict:
+    """The ratio a/b in each round (minus 1 for a cost): its median, min, max and every value."""
+    v = [x / y - (1 if cost else 0) for x, y in zip(t[a], t[b], strict=True)]
+    return {"median": float(np.median(v)), "min": min(v), "max": max(v), "all": v}
 
 
 def stats_cpu_per_image(strs: list[str], n: int = 400, repeats: int = 4) -> dict[str, float]:
@@ -238,11 +265,23 @@ def stats_markdown(s: dict) -> str:
             f"exact {100 * s['cpu_stats_cost_dedup_exact']:+.1f}%, fast {100 * s['cpu_stats_cost_dedup_fast']:+.1f}%; fast mode "
             f"{100 * s['cpu_fast_share_of_floor']:.0f}% of the floor without statistics, "
             f"{100 * s['cpu_fast_stats_share_of_floor']:.0f}% with them",
+            f"- per round (each ratio taken within one round, so load shifts between rounds cancel): "
+            + "; ".join(f"{k.replace('_', ' ')} {_fmt_ratio(k, v)}" for k, v in s["per_round"].items()),
+            f"- the same per round in CPU seconds: "
+            + "; ".join(f"{k.replace('_', ' ')} {_fmt_ratio(k, v)}" for k, v in s["per_round_cpu"].items()),
+            f"- load average (1 min) during the rounds: median {s['load_1min']['median']:.1f}, "
+            f"range {s['load_1min']['min']:.1f}–{s['load_1min']['max']:.1f} on {os.cpu_count()} cores",
             f"- one thread, CPU ms per image (min of 4): exact {s['one_thread_cpu_ms_per_image']['exact']:.2f} → "
             f"{s['one_thread_cpu_ms_per_image']['exact_stats']:.2f} with statistics "
             f"({100 * s['one_thread_stats_cost_exact']:+.1f}%), fast {s['one_thread_cpu_ms_per_image']['fast']:.2f} → "
             f"{s['one_thread_cpu_ms_per_image']['fast_stats']:.2f} ({100 * s['one_thread_stats_cost_fast']:+.1f}%)"]  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def _fmt_ratio(name: str, v: dict) -> str:
+    if name.startswith("stats_cost"):
+        return f"{100 * v['median']:+.1f}% [{100 * v['min']:+.1f}…{100 * v['max']:+.1f}]"
+    return f"{100 * v['median']:.0f}% [{100 * v['min']:.0f}…{100 * v['max']:.0f}]"
 
 
 def bench_search(n: int, peer_n: int, skip_peer: bool, seed: int = 0) -> dict:

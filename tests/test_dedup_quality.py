@@ -287,6 +287,31 @@ def test_fast_mode_statistics_close_to_exact(photos):
         assert a["q_jpeg_quality"] == b["q_jpeg_quality"]
 
 
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+def test_fast_mode_luma_only_decode(tmp_path, subsampling):
+    """Fast mode decodes a YCbCr JPEG's Y plane (no chroma upsampling or colour conversion):
+    the luma is Pillow's within rounding, the hashes do not depend on --stats, and the colour
+    statistics (from the chroma planes, nearest sample) stay close to exact mode's."""
+    im = Image.fromarray(skdata.astronaut()).crop((0, 0, 500, 360))
+    p = tmp_path / f"a{subsampling}.jpg"
+    im.save(p, quality=90, subsampling=subsampling)
+    full = _rust.decode_luma(str(p)).astype(int)  # Pillow's convert("L"), bit-exact
+    y = _rust.decode_luma(str(p), fast_min_side=4096).astype(int)  # fast mode at scale 1: Y
+    d = np.abs(y - full)  # rounding (±1), and out-of-gamut colours Pillow clamps in RGB first
+    assert y.shape == full.shape and d.mean() < 0.05 and (d > 1).mean() < 0.01 and d.max() <= 16
+    r0 = _rust.perceptual_hashes([str(p)], fast_min_side=90)
+    r1 = _rust.perceptual_hashes([str(p)], fast_min_side=90, stats=True)
+    assert r0["phash"][0] == r1["phash"][0] and r0["dhash"][0] == r1["dhash"][0]
+    assert _rust.decode_luma(str(p), fast_min_side=90).shape == (90, 125)  # decoded at 1/4
+    ex, fa = rust_stats([p])[0], rust_stats([p], fast=90)[0]
+    assert fa["q_colorfulness"] == pytest.approx(ex["q_colorfulness"], rel=0.1)
+    assert fa["q_luma_mean"] == pytest.approx(ex["q_luma_mean"], abs=1.5)
+    assert fa["q_grayscale"] is False and fa["q_jpeg_quality"] == ex["q_jpeg_quality"] == 90
+    g = tmp_path / "gray_ycc.jpg"  # a colour JPEG of a gray picture is still gray
+    im.convert("L").convert("RGB").save(g, quality=90)
+    assert rust_stats([g], fast=90)[0]["q_grayscale"] is True
+
+
 def test_knn_outlier_score_ranks_the_far_point_first():
     from pycore.curation.dedup import outliers
 

@@ -104,6 +104,7 @@ type tjhandle = *mut c_void;
 const TJPF_RGBX: c_int = 2;
 const TJPF_GRAY: c_int = 6;
 const TJPF_CMYK: c_int = 11;
+const TJCS_YCBCR: c_int = 1;
 const TJCS_GRAY: c_int = 2;
 const TJCS_CMYK: c_int = 3;
 const TJCS_YCCK: c_int = 4;
@@ -134,6 +135,18 @@ extern "C" {
         pixel_format: c_int,
         flags: c_int,
     ) -> c_int;
+    fn tjDecompressToYUVPlanes(
+        handle: tjhandle,
+        jpeg_buf: *const c_uchar,
+        jpeg_size: c_ulong,
+        dst_planes: *mut *mut c_uchar,
+        width: c_int,
+        strides: *mut c_int,
+        height: c_int,
+        flags: c_int,
+    ) -> c_int;
+    fn tjPlaneWidth(component_id: c_int, width: c_int, subsamp: c_int) -> c_int;
+    fn tjPlaneHeight(component_id: c_int, height: c_int, subsamp: c_int) -> c_int;
     fn tjGetErrorStr2(handle: tjhandle) -> *mut c_char;
     fn tjGetErrorCode(handle: tjhandle) -> c_int;
 }
@@ -171,8 +184,30 @@ impl Drop for Decompressor {
     }
 }
 
+impl Decompressor {
+    /// The outcome of a decode call: Pillow refuses truncated JPEGs ("image file is
+    /// truncated"); other warnings (extraneous bytes, ...) it decodes through, and so do we.
+    fn check(&self, rc: c_int) -> Result<()> {
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: valid handle.
+        let code = unsafe { tjGetErrorCode(self.0) };
+        let msg = self.error();
+        if msg.contains("Premature end") {
+            return Err(Error::Truncated(format!("JPEG data: {msg}")));
+        }
+        if code != TJERR_WARNING {
+            return Err(Error::Corrupt(format!("JPEG data: {msg}")));
+        }
+        Ok(())
+    }
+}
+
 thread_local! {
     static TJ: std::cell::RefCell<Option<Decompressor>> = const { std::cell::RefCell::new(None) };
+    /// Per-thread scratch for decoded pixels that are not kept (RGB before luma, chroma planes).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The scaled size TurboJPEG produces for `num/denom` (TJSCALED).
@@ -180,9 +215,49 @@ fn scaled(dim: c_int, num: c_int, denom: c_int) -> c_int {
     (dim * num + denom - 1) / denom
 }
 
+/// The DCT scaling denominator of fast mode: the smallest scale 1/2^k (k ≤ 3) keeping both
+/// sides ≥ `min` (1 = full size when even 1/2 would go below it).
+pub fn fast_denom(w: u32, h: u32, min: u32) -> u32 {
+    let (w, h, min) = (w as c_int, h as c_int, min.max(1) as c_int);
+    let mut denom = 1;
+    for d in [2, 4, 8] {
+        if scaled(w, 1, d) >= min && scaled(h, 1, d) >= min {
+            denom = d;
+        }
+    }
+    denom as u32
+}
+
+/// A buffer of `n` bytes from `v`, grown when needed (contents are overwritten by the caller).
+fn sized(v: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if v.len() < n {
+        v.resize(n, 0);
+    }
+    &mut v[..n]
+}
+
+/// libjpeg's YCbCr → RGB (jdcolor.c, 16-bit fixed point, rounded, clamped).
+#[inline]
+fn ycc_rgb(y: u8, cb: u8, cr: u8) -> (u8, u8, u8) {
+    let (y, cb, cr) = (y as i32, cb as i32 - 128, cr as i32 - 128);
+    let c = |v: i32| v.clamp(0, 255) as u8;
+    (
+        c(y + ((91881 * cr + 32768) >> 16)),
+        c(y + ((-22554 * cb - 46802 * cr + 32768) >> 16)),
+        c(y + ((116130 * cb + 32768) >> 16)),
+    )
+}
+
 /// Decode a JPEG to luma. `scale_min_side`: decode at the smallest 1/2^k scale (k ≤ 3) whose
 /// sides are both ≥ this (fast mode); None = full size (exact mode). With `acc`, the colour
 /// sums of the decoded RGB pixels are gathered on the way (see `quality`).
+///
+/// Fast mode on a YCbCr JPEG (nearly all of them) skips what luma-only work does not need: the
+/// luma is the decoded Y plane itself (`Y = 0.299 R + 0.587 G + 0.114 B`, Pillow's weights, so
+/// it differs from Pillow's `convert("L")` only by rounding and out-of-gamut clamping). Without
+/// `acc` libjpeg-turbo decodes Y alone (no chroma IDCT, upsampling or colour conversion); with
+/// it, the Y, Cb and Cr planes (no upsampling or conversion), and the colour sums read each
+/// grid pixel's RGB from its Y and its nearest chroma sample.
 pub fn decode_jpeg(
     bytes: &[u8],
     scale_min_side: Option<u32>,
@@ -214,27 +289,130 @@ pub fn decode_jpeg(
             return Err(Error::Corrupt("JPEG has a zero size".into()));
         }
         check_pixels(w as u64 * h as u64)?;
-        let mut denom = 1;
-        if let Some(min) = scale_min_side {
-            let min = min.max(1) as c_int;
-            for d in [2, 4, 8] {
-                if scaled(w, 1, d) >= min && scaled(h, 1, d) >= min {
-                    denom = d;
-                }
+        let denom = scale_min_side.map_or(1, |m| fast_denom(w as u32, h as u32, m) as c_int);
+        let (sw, sh) = (scaled(w, 1, denom), scaled(h, 1, denom));
+        let luma_only = scale_min_side.is_some() && cs == TJCS_YCBCR;
+        if cs == TJCS_GRAY || (luma_only && acc.is_none()) {
+            let l = decode_gray(tj, bytes, sw, sh)?;
+            if let Some(a) = acc {
+                a.add_gray(crate::quality::grid_points(l.width, l.height));
+            }
+            return Ok(l);
+        }
+        match acc {
+            Some(a) if luma_only => decode_planes(tj, bytes, (sw, sh, sub), a),
+            acc => decode_color(tj, bytes, (sw, sh, cs), acc),
+        }
+    })
+}
+
+/// Decode straight to 8-bit gray (for YCbCr files: the Y plane, chroma never decoded).
+fn decode_gray(tj: &Decompressor, bytes: &[u8], sw: c_int, sh: c_int) -> Result<Luma> {
+    let n = (sw as usize)
+        .checked_mul(sh as usize)
+        .ok_or_else(|| Error::TooLarge("JPEG too large".into()))?;
+    let mut buf = vec![0u8; n];
+    // SAFETY: `buf` holds sw * sh bytes, the exact output of this call (pitch 0 = tight).
+    let rc = unsafe {
+        tjDecompress2(
+            tj.0,
+            bytes.as_ptr(),
+            bytes.len() as c_ulong,
+            buf.as_mut_ptr(),
+            sw,
+            0,
+            sh,
+            TJPF_GRAY,
+            TJFLAG_ACCURATEDCT,
+        )
+    };
+    tj.check(rc)?;
+    Ok(Luma::new(sw as usize, sh as usize, buf))
+}
+
+/// Decode the Y, Cb and Cr planes of a YCbCr JPEG at `sw`×`sh`: the luma is Y; the colour
+/// sums take each grid pixel's Y with the chroma sample covering it.
+fn decode_planes(
+    tj: &Decompressor,
+    bytes: &[u8],
+    (sw, sh, sub): (c_int, c_int, c_int),
+    acc: &mut ColorAcc,
+) -> Result<Luma> {
+    // SAFETY: pure functions of their arguments (-1 for an unknown subsampling).
+    let (yw, yh, cw, ch) = unsafe {
+        (
+            tjPlaneWidth(0, sw, sub),
+            tjPlaneHeight(0, sh, sub),
+            tjPlaneWidth(1, sw, sub),
+            tjPlaneHeight(1, sh, sub),
+        )
+    };
+    if yw < sw || yh < sh || cw < 1 || ch < 1 {
+        return Err(Error::Unsupported(format!("JPEG subsampling {sub}")));
+    }
+    let (yw, yh, cw, ch) = (yw as usize, yh as usize, cw as usize, ch as usize);
+    let (sw, sh) = (sw as usize, sh as usize);
+    let mut y = vec![0u8; yw * yh];
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let chroma = sized(&mut s, 2 * cw * ch);
+        let (cb, cr) = chroma.split_at_mut(cw * ch);
+        let mut planes = [y.as_mut_ptr(), cb.as_mut_ptr(), cr.as_mut_ptr()];
+        let mut strides = [yw as c_int, cw as c_int, cw as c_int];
+        // SAFETY: each plane holds its tjPlaneWidth × tjPlaneHeight bytes at the given strides,
+        // exactly what this call writes for a `sw`×`sh` output.
+        let rc = unsafe {
+            tjDecompressToYUVPlanes(
+                tj.0,
+                bytes.as_ptr(),
+                bytes.len() as c_ulong,
+                planes.as_mut_ptr(),
+                sw as c_int,
+                strides.as_mut_ptr(),
+                sh as c_int,
+                TJFLAG_ACCURATEDCT,
+            )
+        };
+        tj.check(rc)?;
+        let k = crate::quality::grid_step(sw, sh);
+        let cols: Vec<(usize, usize)> = (0..sw).step_by(k).map(|x| (x, x * cw / yw)).collect();
+        for r in (0..sh).step_by(k) {
+            let (row, c0) = (&y[r * yw..(r + 1) * yw], r * ch / yh * cw);
+            let (cbr, crr) = (&cb[c0..c0 + cw], &cr[c0..c0 + cw]);
+            for &(x, c) in &cols {
+                let (r, g, b) = ycc_rgb(row[x], cbr[c], crr[c]);
+                acc.add(r, g, b);
             }
         }
-        let (sw, sh) = (scaled(w, 1, denom), scaled(h, 1, denom));
-        let (pf, ch) = match cs {
-            TJCS_GRAY => (TJPF_GRAY, 1),
-            TJCS_CMYK | TJCS_YCCK => (TJPF_CMYK, 4),
-            _ => (TJPF_RGBX, 4),
-        };
-        let n = (sw as usize)
-            .checked_mul(sh as usize)
-            .and_then(|v| v.checked_mul(ch))
-            .ok_or_else(|| Error::TooLarge("JPEG too large".into()))?;
-        let mut buf = vec![0u8; n];
-        // SAFETY: `buf` holds sw * sh * ch bytes, the exact output of this call (pitch 0 = tight).
+        Ok::<(), Error>(())
+    })?;
+    if yw != sw {
+        for r in 1..sh {
+            y.copy_within(r * yw..r * yw + sw, r * sw);
+        }
+    }
+    y.truncate(sw * sh);
+    Ok(Luma::new(sw, sh, y))
+}
+
+/// Decode to RGB (or CMYK) and convert to Pillow's luma (exact mode; fast mode for RGB/CMYK
+/// files), gathering the colour sums into `acc` when given.
+fn decode_color(
+    tj: &Decompressor,
+    bytes: &[u8],
+    (sw, sh, cs): (c_int, c_int, c_int),
+    acc: Option<&mut ColorAcc>,
+) -> Result<Luma> {
+    let cmyk = matches!(cs, TJCS_CMYK | TJCS_YCCK);
+    let pf = if cmyk { TJPF_CMYK } else { TJPF_RGBX };
+    let n = (sw as usize)
+        .checked_mul(sh as usize)
+        .and_then(|v| v.checked_mul(4))
+        .ok_or_else(|| Error::TooLarge("JPEG too large".into()))?;
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let buf = sized(&mut s, n);
+        // SAFETY: `buf` holds sw * sh * 4 bytes, the exact output of this call (pitch 0 = tight).
         let rc = unsafe {
             tjDecompress2(
                 tj.0,
@@ -248,33 +426,20 @@ pub fn decode_jpeg(
                 TJFLAG_ACCURATEDCT,
             )
         };
-        if rc != 0 {
-            // SAFETY: valid handle.
-            let code = unsafe { tjGetErrorCode(tj.0) };
-            let msg = tj.error();
-            // Pillow refuses truncated JPEGs ("image file is truncated"); other warnings
-            // (extraneous bytes, ...) it decodes through, and so do we.
-            if code != TJERR_WARNING || msg.contains("Premature end") {
-                return Err(if msg.contains("Premature end") {
-                    Error::Truncated(format!("JPEG data: {msg}"))
-                } else {
-                    Error::Corrupt(format!("JPEG data: {msg}"))
-                });
-            }
-        }
+        tj.check(rc)?;
         let (sw, sh) = (sw as usize, sh as usize);
         if let Some(a) = acc {
-            let dims = (sw, sh, sw * ch, ch);
-            match ch {
-                1 => a.add_gray(crate::quality::grid_points(sw, sh)),
-                4 if pf == TJPF_RGBX => grid_color(&buf, dims, a, |p| (p[0], p[1], p[2])),
-                _ => grid_color(&buf, dims, a, cmyk_inverted_rgb),
+            let dims = (sw, sh, sw * 4, 4);
+            if cmyk {
+                grid_color(buf, dims, a, cmyk_inverted_rgb);
+            } else {
+                grid_color(buf, dims, a, |p| (p[0], p[1], p[2]));
             }
         }
-        let data = match ch {
-            1 => buf,
-            4 if pf == TJPF_RGBX => rgb_to_luma(&buf, 4),
-            _ => cmyk_inverted_to_luma(&buf),
+        let data = if cmyk {
+            cmyk_inverted_to_luma(buf)
+        } else {
+            rgb_to_luma(buf, 4)
         };
         Ok(Luma::new(sw, sh, data))
     })
@@ -429,8 +594,11 @@ pub fn hash_files(
     cancel: &AtomicBool,
 ) -> Vec<Result<Hashed>> {
     use rayon::prelude::*;
+    // One file per task: a worker that the OS deschedules (a loaded machine) holds up one file,
+    // not a run of them — the others take the rest, as a shared queue would.
     paths
         .par_iter()
+        .with_max_len(1)
         .map(|p| {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::InvalidInput("cancelled".into()));
@@ -449,6 +617,24 @@ mod tests {
         for v in 0..=255u8 {
             assert_eq!(l24(v, v, v), v);
         }
+    }
+
+    #[test]
+    fn fast_scale_is_the_smallest_keeping_the_minimum_side() {
+        assert_eq!(fast_denom(1155, 866, 128), 4); // 1/8 would give 109 px
+        assert_eq!(fast_denom(4000, 3000, 128), 8);
+        assert_eq!(fast_denom(300, 200, 128), 1);
+        assert_eq!(fast_denom(1155, 866, 64), 8);
+    }
+
+    #[test]
+    fn ycc_to_rgb_is_libjpegs() {
+        for y in [0u8, 17, 128, 255] {
+            assert_eq!(ycc_rgb(y, 128, 128), (y, y, y));
+        }
+        // libjpeg's tables: Cr = 255 → R + 178 (1.402 · 127), G − 91 (0.71414 · 127)
+        assert_eq!(ycc_rgb(50, 128, 255), (228, 0, 50));
+        assert_eq!(ycc_rgb(100, 0, 128), (100, 144, 0));
     }
 
     #[test]

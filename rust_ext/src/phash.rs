@@ -102,21 +102,79 @@ fn clip8(ss: i32) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// The resampling coefficients of one (input size, output size) pair, computed once per thread
+/// (a set of photos has few distinct sizes; the computation's `sin` calls cost as much as the
+/// passes themselves).
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    kk: Vec<i32>,
+    #[cfg(target_arch = "x86_64")]
+    split: SplitCoeffs,
+}
+
+/// A small per-thread cache of tables keyed by (input size, output size), most recently used
+/// last; a set of photos has few distinct sizes, and a miss only recomputes.
+pub(crate) type SizeCache<T> = std::cell::RefCell<Vec<((usize, usize), std::rc::Rc<T>)>>;
+
+/// The entry of `key` in `cache`, made with `make` (evicting the least recently used beyond
+/// `cap` entries) when missing.
+pub(crate) fn size_cached<T>(
+    cache: &SizeCache<T>,
+    key: (usize, usize),
+    cap: usize,
+    make: impl FnOnce() -> T,
+) -> std::rc::Rc<T> {
+    let mut c = cache.borrow_mut();
+    if let Some(k) = c.iter().position(|(k, _)| *k == key) {
+        let hit = c.remove(k);
+        let v = hit.1.clone();
+        c.push(hit);
+        return v;
+    }
+    let v = std::rc::Rc::new(make());
+    if c.len() >= cap {
+        c.remove(0);
+    }
+    c.push((key, v.clone()));
+    v
+}
+
+thread_local! {
+    static COEFFS: SizeCache<Coeffs> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`coefficients`] of `in_size` → `out_size`, from this thread's cache.
+fn cached_coefficients(in_size: usize, out_size: usize) -> std::rc::Rc<Coeffs> {
+    COEFFS.with(|cell| {
+        size_cached(cell, (in_size, out_size), 64, || {
+            let (ksize, bounds, kk) = coefficients(in_size, out_size);
+            Coeffs {
+                #[cfg(target_arch = "x86_64")]
+                split: SplitCoeffs::new(&bounds, ksize, &kk),
+                ksize,
+                bounds,
+                kk,
+            }
+        })
+    })
+}
+
 /// One horizontal pass over rows `row0..row0 + rows` of `src` (width `w`) to width `out_w`.
 fn pass_h(src: &[u8], w: usize, row0: usize, rows: usize, out_w: usize) -> Vec<u8> {
     let half = 1i32 << (PRECISION_BITS - 1);
-    let (ksize, bounds, kk) = coefficients(w, out_w);
+    let co = cached_coefficients(w, out_w);
     let mut out = vec![0u8; out_w * rows];
     #[cfg(target_arch = "x86_64")]
     {
-        let split = SplitCoeffs::new(&bounds, ksize, &kk);
+        let split = &co.split;
         let mut wide = vec![0i16; w + 8];
         for ty in 0..rows {
             let y = row0 + ty;
             for (d, &p) in wide.iter_mut().zip(&src[y * w..(y + 1) * w]) {
                 *d = p as i16;
             }
-            for (xx, &(xmin, _)) in bounds.iter().enumerate() {
+            for (xx, &(xmin, _)) in co.bounds.iter().enumerate() {
                 out[ty * out_w + xx] = clip8(half.wrapping_add(split.dot(xx, &wide[xmin..])));
             }
         }
@@ -124,10 +182,11 @@ fn pass_h(src: &[u8], w: usize, row0: usize, rows: usize, out_w: usize) -> Vec<u
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let (ksize, kk) = (co.ksize, &co.kk);
         for ty in 0..rows {
             let y = row0 + ty;
             let row = &src[y * w..(y + 1) * w];
-            for (xx, &(xmin, count)) in bounds.iter().enumerate() {
+            for (xx, &(xmin, count)) in co.bounds.iter().enumerate() {
                 let k = &kk[xx * ksize..xx * ksize + count];
                 let mut ss = half;
                 for (p, c) in row[xmin..xmin + count].iter().zip(k) {
@@ -219,9 +278,10 @@ impl SplitCoeffs {
 /// with coefficients for a source of `in_h` rows.
 fn pass_v(src: &[u8], w: usize, in_h: usize, row0: usize, out_h: usize) -> Vec<u8> {
     let half = 1i32 << (PRECISION_BITS - 1);
-    let (ksize, bounds, kk) = coefficients(in_h, out_h);
+    let co = cached_coefficients(in_h, out_h);
+    let (ksize, kk) = (co.ksize, &co.kk);
     let mut out = vec![0u8; w * out_h];
-    for (yy, &(ymin, count)) in bounds.iter().enumerate() {
+    for (yy, &(ymin, count)) in co.bounds.iter().enumerate() {
         let k = &kk[yy * ksize..yy * ksize + count];
         for xx in 0..w {
             let mut ss = half;
@@ -251,7 +311,7 @@ pub fn resize_lanczos(img: &Luma, out_w: usize, out_h: usize) -> Luma {
         if !need_v {
             return Luma::new(out_w, h, pass_h(&img.data, w, 0, h, out_w));
         }
-        let (_, bounds_v, _) = coefficients(h, out_h);
+        let bounds_v = &cached_coefficients(h, out_h).bounds;
         let first = bounds_v[0].0;
         let last = bounds_v[out_h - 1].0 + bounds_v[out_h - 1].1;
         let tmp = pass_h(&img.data, w, first, last - first, out_w);
@@ -349,6 +409,25 @@ mod tests {
         assert!(s.data.iter().all(|&v| v == 77));
         let s = resize_lanczos(&img, 9, 8);
         assert!(s.data.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn size_cache_hits_and_evicts() {
+        let cache: SizeCache<usize> = std::cell::RefCell::new(Vec::new());
+        let a = size_cached(&cache, (1, 2), 2, || 12);
+        assert_eq!(*size_cached(&cache, (1, 2), 2, || unreachable!()), 12);
+        size_cached(&cache, (3, 4), 2, || 34);
+        size_cached(&cache, (1, 2), 2, || unreachable!()); // (1, 2) most recent again
+        size_cached(&cache, (5, 6), 2, || 56); // evicts (3, 4)
+        assert_eq!(*size_cached(&cache, (3, 4), 2, || 99), 99);
+        assert_eq!(cache.borrow().len(), 2);
+        assert_eq!(*a, 12);
+        // cached coefficients are the computed ones
+        let c = cached_coefficients(1000, 32);
+        assert_eq!((c.ksize, &c.bounds, &c.kk), {
+            let (k, b, kk) = coefficients(1000, 32);
+            (k, &b.clone(), &kk.clone())
+        });
     }
 
     #[test]

@@ -177,30 +177,112 @@ fn area_weights(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f32>)> {
         .collect()
 }
 
+/// [`area_weights`] with every output's taps padded to the same count `taps` (zero weights; the
+/// first input moved left where the padding would run past the end), so the horizontal pass
+/// runs a fixed-length, unrolled dot product per output.
+struct Weights {
+    /// Per output: its first input and its taps (`taps` weights at `i * taps`) — for the
+    /// vertical pass, which only visits the real taps, `(first, start, end)` into `w`.
+    spans: Vec<(usize, usize, usize)>,
+    w: Vec<f32>,
+    taps: usize,
+    pfirst: Vec<usize>,
+    pw: Vec<f32>,
+}
+
+/// Padded tap counts the horizontal pass has an unrolled version for.
+const TAP_SIZES: [usize; 8] = [2, 3, 4, 6, 8, 10, 12, 16];
+
+thread_local! {
+    static WEIGHTS: crate::phash::SizeCache<Weights> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`area_weights`] of `n_in` → `n_out`, flattened and padded, from this thread's cache.
+fn cached_weights(n_in: usize, n_out: usize) -> std::rc::Rc<Weights> {
+    WEIGHTS.with(|cell| {
+        crate::phash::size_cached(cell, (n_in, n_out), 64, || {
+            let aw = area_weights(n_in, n_out);
+            let most = aw.iter().map(|(_, w)| w.len()).max().unwrap_or(1);
+            let taps = TAP_SIZES
+                .into_iter()
+                .find(|&t| t >= most && t <= n_in)
+                .unwrap_or(most);
+            let mut wt = Weights {
+                spans: Vec::with_capacity(n_out),
+                w: Vec::new(),
+                taps,
+                pfirst: Vec::with_capacity(n_out),
+                pw: vec![0.0; n_out * taps],
+            };
+            for (i, (first, ws)) in aw.into_iter().enumerate() {
+                wt.spans.push((first, wt.w.len(), wt.w.len() + ws.len()));
+                let pf = first.min(n_in - taps);
+                let off = first - pf;
+                wt.pw[i * taps + off..i * taps + off + ws.len()].copy_from_slice(&ws);
+                wt.pfirst.push(pf);
+                wt.w.extend(ws);
+            }
+            wt
+        })
+    })
+}
+
+/// One row of the horizontal pass with `N` taps per output.
+fn hpass<const N: usize>(row: &[f32], wt: &Weights, out: &mut [f32]) {
+    for ((o, &f), k) in out.iter_mut().zip(&wt.pfirst).zip(wt.pw.chunks_exact(N)) {
+        let px: &[f32; N] = row[f..f + N].try_into().expect("N taps");
+        let k: &[f32; N] = k.try_into().expect("N weights");
+        let mut acc = 0f32;
+        for t in 0..N {
+            acc += px[t] * k[t];
+        }
+        *o = acc;
+    }
+}
+
 /// The luma area-averaged to [`work_size`] as f32.
 pub fn working_image(luma: &[u8], w: usize, h: usize) -> (Vec<f32>, usize, usize) {
     let (ow, oh) = work_size(w, h);
     if (ow, oh) == (w, h) {
         return (luma.iter().map(|&v| v as f32).collect(), w, h);
     }
-    let wx = area_weights(w, ow);
-    let wy = area_weights(h, oh);
-    // Vertical pass first, along whole rows (vectorises), then the horizontal one on `oh` rows.
+    let wx = cached_weights(w, ow);
+    let wy = cached_weights(h, oh);
+    // Vertical pass first, along whole rows (8 lanes at a time), then the horizontal one on `oh` rows.
     let mut tmp = vec![0f32; w * oh];
-    for (yy, (first, ws)) in wy.iter().enumerate() {
+    for (yy, &(first, a, b)) in wy.spans.iter().enumerate() {
         let dst = &mut tmp[yy * w..(yy + 1) * w];
-        for (k, &wk) in ws.iter().enumerate() {
+        for (k, &wk) in wy.w[a..b].iter().enumerate() {
             let src = &luma[(first + k) * w..(first + k + 1) * w];
-            for (d, &v) in dst.iter_mut().zip(src) {
+            let mut d8 = dst.chunks_exact_mut(8);
+            let mut s8 = src.chunks_exact(8);
+            for (d, s) in (&mut d8).zip(&mut s8) {
+                for j in 0..8 {
+                    d[j] += s[j] as f32 * wk;
+                }
+            }
+            for (d, &v) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
                 *d += v as f32 * wk;
             }
         }
     }
     let mut out = vec![0f32; ow * oh];
     for yy in 0..oh {
-        let row = &tmp[yy * w..(yy + 1) * w];
-        for (o, (first, ws)) in out[yy * ow..(yy + 1) * ow].iter_mut().zip(&wx) {
-            *o = row[*first..].iter().zip(ws).map(|(&p, &k)| p * k).sum();
+        let (row, o) = (&tmp[yy * w..(yy + 1) * w], &mut out[yy * ow..(yy + 1) * ow]);
+        match wx.taps {
+            2 => hpass::<2>(row, &wx, o),
+            3 => hpass::<3>(row, &wx, o),
+            4 => hpass::<4>(row, &wx, o),
+            6 => hpass::<6>(row, &wx, o),
+            8 => hpass::<8>(row, &wx, o),
+            10 => hpass::<10>(row, &wx, o),
+            12 => hpass::<12>(row, &wx, o),
+            16 => hpass::<16>(row, &wx, o),
+            n => {
+                for ((v, &f), k) in o.iter_mut().zip(&wx.pfirst).zip(wx.pw.chunks_exact(n)) {
+                    *v = row[f..f + n].iter().zip(k).map(|(&p, &c)| p * c).sum();
+                }
+            }
         }
     }
     (out, ow, oh)
@@ -213,20 +295,35 @@ pub fn sharpness(luma: &[u8], w: usize, h: usize) -> f64 {
         return 0.0;
     }
     let (mut s, mut s2) = (0f64, 0f64);
+    let n = w - 2;
     for y in 1..h - 1 {
-        let (up, row, down) = (&img[(y - 1) * w..], &img[y * w..], &img[(y + 1) * w..]);
-        let (mut rs, mut rs2) = (0f32, 0f32);
-        for x in 1..w - 1 {
-            let l = up[x] + down[x] + row[x - 1] + row[x + 1] - 4.0 * row[x];
-            rs += l;
-            rs2 += l * l;
+        let up = &img[(y - 1) * w + 1..(y - 1) * w + 1 + n];
+        let down = &img[(y + 1) * w + 1..(y + 1) * w + 1 + n];
+        let mid = &img[y * w + 1..y * w + 1 + n];
+        let left = &img[y * w..y * w + n];
+        let right = &img[y * w + 2..y * w + 2 + n];
+        // 8 independent lanes (vectorises), summed per row into f64.
+        let (mut a, mut a2) = ([0f32; 8], [0f32; 8]);
+        let full = n / 8 * 8;
+        for i in (0..full).step_by(8) {
+            for j in 0..8 {
+                let x = i + j;
+                let l = up[x] + down[x] + left[x] + right[x] - 4.0 * mid[x];
+                a[j] += l;
+                a2[j] += l * l;
+            }
         }
-        s += rs as f64;
-        s2 += rs2 as f64;
+        for x in full..n {
+            let l = up[x] + down[x] + left[x] + right[x] - 4.0 * mid[x];
+            a[0] += l;
+            a2[0] += l * l;
+        }
+        s += a.iter().map(|&v| v as f64).sum::<f64>();
+        s2 += a2.iter().map(|&v| v as f64).sum::<f64>();
     }
-    let n = ((w - 2) * (h - 2)) as f64;
-    let m = s / n;
-    (s2 / n - m * m).max(0.0)
+    let cnt = ((w - 2) * (h - 2)) as f64;
+    let m = s / cnt;
+    (s2 / cnt - m * m).max(0.0)
 }
 
 /// IJG's standard luminance and chrominance tables (natural order, Annex K).
@@ -316,11 +413,17 @@ pub fn jpeg_quality(bytes: &[u8]) -> Option<u8> {
             .map(|(&a, &b)| (a as i64 - b as i64).unsigned_abs())
             .sum()
     };
+    static TABLES: std::sync::OnceLock<Vec<([u16; 64], [u16; 64])>> = std::sync::OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        (1..=100u32)
+            .map(|q| (ijg_table(&STD_LUMA, q), ijg_table(&STD_CHROMA, q)))
+            .collect()
+    });
     let mut best = (u64::MAX, 0u32);
-    for q in 1..=100u32 {
-        let mut d = dist(&luma, &ijg_table(&STD_LUMA, q));
+    for (q, (tl, tc)) in (1..=100u32).zip(tables) {
+        let mut d = dist(&luma, tl);
         if let Some(c) = &chroma {
-            d += dist(c, &ijg_table(&STD_CHROMA, q));
+            d += dist(c, tc);
         }
         if d <= best.0 {
             best = (d, q);
@@ -338,6 +441,32 @@ mod tests {
         assert_eq!(work_size(1200, 800), (192, 128));
         assert_eq!(work_size(800, 1200), (128, 192));
         assert_eq!(work_size(100, 50), (100, 50));
+    }
+
+    #[test]
+    fn working_image_is_the_plain_area_average() {
+        // The padded, unrolled passes against the direct double loop over `area_weights`.
+        for (w, h) in [(250, 188), (1000, 750), (131, 400), (2000, 129)] {
+            let luma: Vec<u8> = (0..w * h).map(|i| ((i * 7919) % 251) as u8).collect();
+            let (img, ow, oh) = working_image(&luma, w, h);
+            assert_eq!((ow, oh), work_size(w, h));
+            let (wx, wy) = (area_weights(w, ow), area_weights(h, oh));
+            for (yy, (fy, ky)) in wy.iter().enumerate() {
+                for (xx, (fx, kx)) in wx.iter().enumerate() {
+                    let mut want = 0f64;
+                    for (i, &a) in ky.iter().enumerate() {
+                        for (j, &b) in kx.iter().enumerate() {
+                            want += luma[(fy + i) * w + fx + j] as f64 * a as f64 * b as f64;
+                        }
+                    }
+                    let got = img[yy * ow + xx] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "{w}x{h} at {xx},{yy}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
