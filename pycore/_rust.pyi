@@ -104,7 +104,8 @@ def perceptual_hashes(
     paths: Sequence[str | os.PathLike[str]], fast_min_side: int | None = None, threads: int = 0, stats: bool = False
 ) -> dict[str, Any]:
     """imagehash-identical (phash, dhash) of JPEG/PNG files: {phash, dhash: uint64 arrays, ok: bool array,
-    error_kind, error: lists}. `fast_min_side`: decode JPEGs at reduced scale (fast mode). `stats`: also
+    error_kind, error: lists}. `fast_min_side`: decode JPEGs at the smallest 1/2, 1/4, 1/8 scale keeping both
+    sides >= it, a YCbCr JPEG's Y plane only (fast mode; not imagehash-identical). `stats`: also
     sharpness, luma_mean, luma_std, clip_low, clip_high, colorfulness (float32, NaN where not ok), grayscale
     (bool), jpeg_quality (int16, -1 where unknown) from the same decode. Ctrl-C stops between files."""
 
@@ -112,7 +113,8 @@ def hash_luma(pixels: npt.NDArray[np.uint8]) -> tuple[int, int]:
     """(phash, dhash) of a 2-D uint8 luma array."""
 
 def decode_luma(path: str | os.PathLike[str], fast_min_side: int | None = None) -> npt.NDArray[np.uint8]:
-    """A JPEG/PNG file's luma as Pillow's convert("L") gives it (2-D uint8)."""
+    """A JPEG/PNG file's luma as Pillow's convert("L") gives it (2-D uint8); with `fast_min_side`, a JPEG's
+    reduced-scale decode (a YCbCr JPEG's Y plane)."""
 
 def hamming_pairs(
     hashes: npt.NDArray[np.uint64], threshold: int, brute_force: bool = False, threads: int = 0
