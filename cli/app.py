@@ -122,8 +122,15 @@ def _interrupted() -> int:
     """Ctrl-C: one line, exit 130 (outputs are atomic, so nothing partial was left behind)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the one line
-    print("hw: interrupted", file=sys.stderr)
+    try:  # a second Ctrl-C while the line is written must not break it (main thread only)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        previous = None
+    try:
+        print("hw: interrupted", file=sys.stderr, flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 130
 
 

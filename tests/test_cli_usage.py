@@ -174,3 +174,21 @@ def test_help_shape(hw, command):
     assert "<bool>" not in r.out
     panels = [ln for ln in r.out.splitlines() if ln.startswith("╭─ ") and "Arguments" not in ln]
     assert len(panels) >= 2 or command == "lora-info", panels
+
+
+def test_interrupt_in_process_is_one_line_and_leaves_signals_alone(hw, monkeypatch, tmp_path):
+    """main() as a library call: KeyboardInterrupt → `hw: interrupted`, 130; the caller's SIGINT handler is kept."""
+    import signal
+
+    import pycore.curation.bucket as bucket_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bucket_mod, "bucket", interrupted)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    before = signal.getsignal(signal.SIGINT)
+    r = hw("bucket", "imgs", "-o", "m.parquet")
+    assert (r.code, r.err, r.out) == (130, "hw: interrupted\n", "")
+    assert signal.getsignal(signal.SIGINT) is before
