@@ -135,8 +135,11 @@ def _interrupted() -> int:
 
 
 def _broken_pipe() -> int:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # so that Python's flush at exit does not fail again
+    """The reader of stdout went away: exit 1 quietly (as Typer does)."""
+    try:  # so that Python's flush of stdout at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured, in-process)
+        pass
     return 1
 
 
