@@ -143,14 +143,24 @@ def _interrupted() -> int:
     """Ctrl-C: one line, exit 130 (outputs are atomic, so nothing partial was left behind)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the one line
-    print("hw: interrupted", file=sys.stderr)
+    try:  # a second Ctrl-C while the line is written must not break it (main thread only)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        previous = None
+    try:
+        print("hw: interrupted", file=sys.stderr, flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 130
 
 
 def _broken_pipe() -> int:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # so that Python's flush at exit does not fail again
+    """The reader of stdout went away: exit 1 quietly (as Typer does)."""
+    try:  # so that Python's flush of stdout at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured, in-process)
+        pass
     return 1
 
 

@@ -155,6 +155,14 @@ PY
 "$hw" convert-lora out/lora_demo/detail_loha.safetensors --to kohya --rank 4 --out out/lora_demo/detail_lora_r4.safetensors --overwrite
 "$hw" lora-info out/lora_demo/detail_lora.safetensors
 echo
+echo "== mistakes: a typo in an option, a word for a number, a missing --out: one line each, exit 2, nothing written"
+for args in "bucket data_manifests/sample --out out/typo.parquet --thread 4" \
+            "bucket data_manifests/sample --out out/typo.parquet --threads four" "dedup out/sample.parquet"; do
+  rc=0
+  "$hw" $args || rc=$?
+  echo "   (exit $rc; out/typo.parquet $([ -e out/typo.parquet ] && echo exists || echo 'not written'))"
+done
+echo
 echo "Outputs in out/: sample.parquet (manifest), shards/ + shards_manifest/ (the sample as tar shards, a manifest folder), buckets.png (histogram), kohya_meta.json (kohya metadata),"
 echo "sample_dedup.parquet + dedup_review.html + dedup_stats.svg, caption_batch/ + sample_captioned.parquet + sample_captions.jsonl,"
 echo "sample_scored.parquet, spo_demo/ (brightness pairs + the SPM trained on them), spo_run/ (SPO LoRA, config, checkpoints,"

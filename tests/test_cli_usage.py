@@ -4,6 +4,7 @@ unknown option, a bad choice — for every command one line ``hw: error: <option
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,34 @@ def test_help_shape(hw, command):
     assert "<bool>" not in r.out
     panels = [ln for ln in r.out.splitlines() if ln.startswith("╭─ ") and "Arguments" not in ln]
     assert len(panels) >= 2 or command == "lora-info", panels
+
+
+def test_interrupt_in_process_is_one_line_and_leaves_signals_alone(hw, monkeypatch, tmp_path):
+    """main() as a library call: KeyboardInterrupt → `hw: interrupted`, 130; the caller's SIGINT handler is kept."""
+    import signal
+
+    import pycore.curation.bucket as bucket_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bucket_mod, "bucket", interrupted)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    before = signal.getsignal(signal.SIGINT)
+    r = hw("bucket", "imgs", "-o", "m.parquet")
+    assert (r.code, r.err, r.out) == (130, "hw: interrupted\n", "")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_closed_stdout_exits_1_without_a_traceback(tmp_path):
+    """`hw … | head -c1`: the reader goes away; hw stops quietly (exit 1, no BrokenPipeError traceback)."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    (src / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a row (truncated), so there is a report to print
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first write of the --json report fails with EPIPE
+    p = subprocess.run([sys.executable, "-m", "cli.app", "bucket", str(src), "-o", str(tmp_path / "m.parquet"), "--json"],
+                       cwd=REPO, stdout=w, stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+    os.close(w)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
