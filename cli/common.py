@@ -36,7 +36,7 @@ Threads = Annotated[
     int | None,
     typer.Option("--threads", "-j", help="Worker threads (0 = one per core). Default: $HW_THREADS or 0.", min=0),
 ]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output manifest (.parquet), written atomically.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output manifest: a .parquet file, or a folder of parts (a path ending in / or without a suffix); written atomically.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
 
