@@ -445,69 +445,9 @@ fn decode_color(
     })
 }
 
-/// Decode a PNG to luma the way Pillow opens it and converts it to "L".
-pub fn decode_png(bytes: &[u8], acc: Option<&mut ColorAcc>) -> Result<Luma> {
-    use png::{BitDepth, ColorType, Transformations};
-    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
-    dec.set_transformations(Transformations::EXPAND);
-    dec.set_ignore_text_chunk(true);
-    let mut reader = dec
-        .read_info()
-        .map_err(|e| Error::Corrupt(format!("PNG: {e}")))?;
-    let (orig_ct, orig_depth) = {
-        let info = reader.info();
-        (info.color_type, info.bit_depth)
-    };
-    {
-        let info = reader.info();
-        check_pixels(info.width as u64 * info.height as u64)?;
-    }
-    let size = reader.output_buffer_size();
-    let mut buf = vec![0u8; size];
-    let frame = reader.next_frame(&mut buf).map_err(|e| {
-        let s = e.to_string();
-        if s.contains("EOF") || s.contains("end of") {
-            Error::Truncated(format!("PNG data: {s}"))
-        } else {
-            Error::Corrupt(format!("PNG data: {s}"))
-        }
-    })?;
-    let (w, h) = (frame.width as usize, frame.height as usize);
-    let (ct, depth) = (frame.color_type, frame.bit_depth);
-    let bpp = if depth == BitDepth::Sixteen { 2 } else { 1 };
-    let channels = ct.samples();
-    let stride = frame.line_size;
-    let mut out = Vec::with_capacity(w * h);
-    for y in 0..h {
-        let row = &buf[y * stride..y * stride + w * channels * bpp];
-        let px = row.chunks_exact(channels * bpp);
-        match (ct, bpp) {
-            (ColorType::Grayscale | ColorType::GrayscaleAlpha, 2)
-                if orig_ct == ColorType::Grayscale && orig_depth == BitDepth::Sixteen =>
-            {
-                // Pillow: mode "I;16", and "I;16" → "L" clips at 255.
-                out.extend(px.map(|p| {
-                    let v = u16::from_be_bytes([p[0], p[1]]);
-                    v.min(255) as u8
-                }))
-            }
-            (ColorType::Grayscale | ColorType::GrayscaleAlpha, _) => out.extend(px.map(|p| p[0])),
-            (ColorType::Rgb | ColorType::Rgba, 1) => out.extend(px.map(|p| l24(p[0], p[1], p[2]))),
-            (ColorType::Rgb | ColorType::Rgba, _) => out.extend(px.map(|p| l24(p[0], p[2], p[4]))),
-            _ => return Err(Error::Unsupported(format!("PNG colour type {ct:?}"))),
-        }
-    }
-    if let Some(a) = acc {
-        if matches!(ct, ColorType::Grayscale | ColorType::GrayscaleAlpha) {
-            a.add_gray(crate::quality::grid_points(w, h));
-        } else {
-            let dims = (w, h, stride, channels * bpp);
-            let hi = if bpp == 1 { [0, 1, 2] } else { [0, 2, 4] };
-            grid_color(&buf, dims, a, |p| (p[hi[0]], p[hi[1]], p[hi[2]]));
-        }
-    }
-    Ok(Luma::new(w, h, out))
-}
+#[path = "decode_png.rs"]
+mod png_luma;
+pub use png_luma::decode_png;
 
 /// Which decoder a file's bytes call for.
 pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
@@ -609,59 +549,5 @@ pub fn hash_files(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn luma_weights_sum_to_identity_on_gray() {
-        for v in 0..=255u8 {
-            assert_eq!(l24(v, v, v), v);
-        }
-    }
-
-    #[test]
-    fn fast_scale_is_the_smallest_keeping_the_minimum_side() {
-        assert_eq!(fast_denom(1155, 866, 128), 4); // 1/8 would give 109 px
-        assert_eq!(fast_denom(4000, 3000, 128), 8);
-        assert_eq!(fast_denom(300, 200, 128), 1);
-        assert_eq!(fast_denom(1155, 866, 64), 8);
-    }
-
-    #[test]
-    fn ycc_to_rgb_is_libjpegs() {
-        for y in [0u8, 17, 128, 255] {
-            assert_eq!(ycc_rgb(y, 128, 128), (y, y, y));
-        }
-        // libjpeg's tables: Cr = 255 → R + 178 (1.402 · 127), G − 91 (0.71414 · 127)
-        assert_eq!(ycc_rgb(50, 128, 255), (228, 0, 50));
-        assert_eq!(ycc_rgb(100, 0, 128), (100, 144, 0));
-    }
-
-    #[test]
-    fn unknown_format_is_unsupported() {
-        let e = decode_bytes(b"GIF89a....", None).unwrap_err();
-        assert_eq!(e.kind(), "unsupported");
-        assert_eq!(decode_bytes(b"", None).unwrap_err().kind(), "empty");
-    }
-
-    #[test]
-    fn bad_jpeg_is_an_error_not_a_panic() {
-        let e = decode_bytes(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 1, 2], None).unwrap_err();
-        assert!(matches!(e.kind(), "corrupt" | "truncated"), "{e}");
-    }
-
-    #[test]
-    fn png_roundtrip_gray_and_rgb() {
-        let mut bytes = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut bytes, 2, 1);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let mut w = enc.write_header().unwrap();
-            w.write_image_data(&[255, 0, 0, 10, 20, 30]).unwrap();
-        }
-        let l = decode_bytes(&bytes, None).unwrap();
-        assert_eq!((l.width, l.height), (2, 1));
-        assert_eq!(l.data, vec![l24(255, 0, 0), l24(10, 20, 30)]);
-    }
-}
+#[path = "decode_tests.rs"]
+mod tests;
