@@ -8,7 +8,7 @@ NumPy. Both walk and probe with the same Rust code.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,11 +65,6 @@ def scan_paths(
     chunk: int = 8192,
 ) -> pl.DataFrame:
     """Probe files (in Rust, in parallel, GIL released) into manifest columns, in input order."""
-    import numpy as np
-    import polars as pl
-
-    from pycore.manifest import path_columns, status_names
-
     parts: dict[str, list] = {}
     for start in range(0, len(paths), chunk):
         cols = _rust.scan_files(paths[start : start + chunk], hash, max_pixels, threads)
@@ -79,29 +74,36 @@ def scan_paths(
             progress(min(chunk, len(paths) - start))
     if not paths:
         return empty_scan_frame()
+    return probe_frame(paths, parts)
+
+
+def probe_frame(paths: Sequence[str], parts: dict[str, list], extra: Sequence[pl.Series] = ()) -> pl.DataFrame:
+    """The manifest columns of probed images from the Rust scan's column chunks (``parts``: each
+    column's chunks in order), then ``extra`` columns; unknown values are null, not zero or NaN."""
+    import numpy as np
+    import polars as pl
+
+    from pycore.manifest import path_columns, status_names
 
     def cat(name: str) -> list | np.ndarray:
         vals = parts[name]
         return np.concatenate(vals) if isinstance(vals[0], np.ndarray) else [x for v in vals for x in v]
 
-    status = status_names(cat("status_code"))
     has_size = pl.Series(cat("width")) > 0
-    frame = pl.DataFrame(
-        [
-            *path_columns(paths),
-            status,
-            pl.Series("error", cat("error"), dtype=pl.String),
-            pl.Series("warning", cat("warning"), dtype=pl.String),
-            pl.Series("format", cat("format"), dtype=pl.String),
-            pl.Series("width", cat("width")).cast(pl.Int32),
-            pl.Series("height", cat("height")).cast(pl.Int32),
-            pl.Series("orientation", cat("orientation")).cast(pl.UInt8),
-            pl.Series("file_size", cat("file_size")).cast(pl.Int64),
-            pl.Series("mtime", cat("mtime")),
-            pl.Series("content_hash", cat("content_hash"), dtype=pl.String),
-        ]
-    )
-    # Unknown values are null, not zero or NaN.
+    frame = pl.DataFrame([
+        *path_columns(paths),
+        status_names(cat("status_code")),
+        pl.Series("error", cat("error"), dtype=pl.String),
+        pl.Series("warning", cat("warning"), dtype=pl.String),
+        pl.Series("format", cat("format"), dtype=pl.String),
+        pl.Series("width", cat("width")).cast(pl.Int32),
+        pl.Series("height", cat("height")).cast(pl.Int32),
+        pl.Series("orientation", cat("orientation")).cast(pl.UInt8),
+        pl.Series("file_size", cat("file_size")).cast(pl.Int64),
+        pl.Series("mtime", cat("mtime")).cast(pl.Float64),
+        pl.Series("content_hash", cat("content_hash"), dtype=pl.String),
+        *extra,
+    ])  # fmt: skip
     return frame.with_columns(
         pl.when(has_size).then(pl.col("width")).alias("width"),
         pl.when(has_size).then(pl.col("height")).alias("height"),

@@ -20,8 +20,8 @@ import polars as pl
 
 from pycore import _rust
 from pycore.errors import HwError
-from pycore.curation.scan import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ScanResult, empty_scan_frame
-from pycore.manifest import path_columns, status_code, status_names
+from pycore.curation.scan import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ScanResult, empty_scan_frame, probe_frame
+from pycore.manifest import status_code
 from pycore.curation.shards import SourceOptions  # noqa: F401 (re-exported)
 from pycore.sources import member_name, parquet_ref, tar_ref
 
@@ -62,37 +62,9 @@ class _Rows:
 def _frame(rows: _Rows) -> pl.DataFrame:
     if not rows.paths:
         return empty_scan_frame()
-
-    def cat(name: str) -> list | np.ndarray:
-        vals = rows.cols[name]
-        return np.concatenate(vals) if isinstance(vals[0], np.ndarray) else [x for v in vals for x in v]
-
-    status = status_names(cat("status_code"))
-    has_size = pl.Series(cat("width")) > 0
-    frame = pl.DataFrame([
-        *path_columns(rows.paths),
-        status,
-        pl.Series("error", cat("error"), dtype=pl.String),
-        pl.Series("warning", cat("warning"), dtype=pl.String),
-        pl.Series("format", cat("format"), dtype=pl.String),
-        pl.Series("width", cat("width")).cast(pl.Int32),
-        pl.Series("height", cat("height")).cast(pl.Int32),
-        pl.Series("orientation", cat("orientation")).cast(pl.UInt8),
-        pl.Series("file_size", cat("file_size")).cast(pl.Int64),
-        pl.Series("mtime", cat("mtime")).cast(pl.Float64),
-        pl.Series("content_hash", cat("content_hash"), dtype=pl.String),
-        pl.Series("member_offset", rows.offsets, dtype=pl.Int64),
-        *[pl.Series(k, v, dtype=pl.String) for k, v in rows.extra.items()],
-    ])  # fmt: skip
-    return frame.with_columns(
-        pl.when(has_size).then(pl.col("width")).alias("width"),
-        pl.when(has_size).then(pl.col("height")).alias("height"),
-        pl.when(pl.col("orientation") > 0).then(pl.col("orientation")).alias("orientation"),
-        pl.when(pl.col("file_size") > 0).then(pl.col("file_size")).otherwise(
-            pl.when(pl.col("status") == "empty").then(0)
-        ).alias("file_size"),
-        pl.col("mtime").fill_nan(None),
-    )
+    extra = [pl.Series("member_offset", rows.offsets, dtype=pl.Int64),
+             *[pl.Series(k, v, dtype=pl.String) for k, v in rows.extra.items()]]  # fmt: skip
+    return probe_frame(rows.paths, rows.cols, extra)
 
 
 def split_member(name: str) -> tuple[str, str]:
