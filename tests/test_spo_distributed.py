@@ -27,6 +27,8 @@ SCRIPT = textwrap.dedent(
     tr = Transitions(x, x + 0.5, x + 0.25, x + 0.75, torch.full((n,), 951 - r), torch.arange(n))
     mine = gather_and_split(tr, acc, seed=7)
     torch.save({"ids": mine.x_t_win.flatten(), "t": mine.t, "next": mine.x_next_win.flatten()}, sys.argv[1] + f"/rank{r}.pt")
+    acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: exiting with gloo still up can abort in its threads
     """
 )
 
@@ -52,6 +54,8 @@ TRAIN_SCRIPT = textwrap.dedent(
                   out / "run", (4, 8, 8), accelerator=acc)
     lora = {n: p.detach() for n, p in m.unet.named_parameters() if "lora_" in n}
     torch.save({"lora": lora, "history": res.history}, out / f"lora{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    acc.end_training()
     """
 )
 
