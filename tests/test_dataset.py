@@ -9,26 +9,14 @@ import torch
 
 from pycore.curation.dataset import ManifestDataset, collate
 from pycore.errors import HwError
-from tests.kit.shards import samples, write_loose, write_shards, write_table
+from tests.kit.shards import bucketed_sets, samples
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    from cli.app import main
-
     root = tmp_path_factory.mktemp("ds")
-    items = samples(10)
-    write_loose(root / "loose", items)
-    write_shards(root / "shards", items, per_shard=4)
-    write_table(root / "t.parquet", items)
-    out = {}
-    for name, args in (("loose", [root / "loose"]), ("shards", [root / "shards"]),
-                       ("table", [root / "t.parquet", "--image-column", "image"])):  # fmt: skip
-        m = root / f"{name}.parquet"
-        assert main(["bucket", *map(str, args), "--out", str(m), "--table", "generated", "--max-area",
-                     "4096", "--step", "16", "--min-side", "16"]) == 0  # fmt: skip
-        out[name] = ManifestDataset(m)
-    return items, out
+    made = bucketed_sets(root, 10, ("--table", "generated", "--max-area", "4096", "--step", "16", "--min-side", "16"))
+    return samples(10), {name: ManifestDataset(m) for name, m in made.items()}
 
 
 def test_same_pixels_from_every_source(sets):

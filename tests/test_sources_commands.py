@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_one_line_error
 from tests.kit.fake_openai import FakeOpenAI
-from tests.kit.shards import samples, write_loose, write_shards, write_table
+from tests.kit.shards import bucketed_sets, samples
 
 
 def key(path: str) -> str:
@@ -19,20 +19,8 @@ def key(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory):
-    from cli.app import main
-
     root = tmp_path_factory.mktemp("cmd")
-    items = samples(10)
-    write_loose(root / "loose", items)
-    write_shards(root / "shards", items, per_shard=4)
-    write_table(root / "t.parquet", items)
-    out = {}
-    for name, args in (("loose", [root / "loose"]), ("shards", [root / "shards"]),
-                       ("table", [root / "t.parquet", "--image-column", "image"])):  # fmt: skip
-        m = root / f"{name}.parquet"
-        assert main(["bucket", *map(str, args), "--out", str(m)]) == 0
-        out[name] = m
-    return root, items, out
+    return root, samples(10), bucketed_sets(root, 10)
 
 
 def by_item(frame: pl.DataFrame, items, cols: list[str]) -> dict[str, tuple]:

@@ -193,7 +193,12 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
             return _rebucket_parts(req, table, opts, meta, progress, t0)
         rep, frame, rescanned, warned_before = _bucket_frame(req, src, scan, table, opts, meta, grid)
     _warn_off_grid(table, grid, warned_before)
-    result = BucketResult(rep, Path(req.out), rescanned, 0.0, _frame=frame)
+    return _finish(req, BucketResult(rep, Path(req.out), rescanned, 0.0, _frame=frame), t0)
+
+
+def _finish(req: BucketRequest, result: BucketResult, t0: float) -> BucketResult:
+    """The outputs after the manifest (histogram, kohya JSON) and the run's time."""
+    rep = result.report
     if req.plot is not None:
         plot(rep, req.plot, overwrite=req.overwrite)
         result.plot = Path(req.plot)
@@ -203,7 +208,7 @@ def bucket(req: BucketRequest, progress: Progress | None = None) -> BucketResult
         if rep.rotated:
             warnings.warn(f"{rep.rotated} image(s) carry an EXIF rotation; kohya loads pixels without applying it, so "
                           "their train_resolution matches the displayed (rotated) image, not kohya's view", HwWarning,
-                          stacklevel=2)  # fmt: skip
+                          stacklevel=3)  # fmt: skip
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -328,12 +333,7 @@ def _scan_parts(req: BucketRequest, table: BucketTable, opts: BucketOptions, met
     rep = merge_reports(reports, table)
     rep.skipped_files, rep.problems = skipped, problems
     _warn_off_grid(table, grid, False)
-    result = BucketResult(rep, Path(req.out), True, 0.0)
-    if req.plot is not None:
-        plot(rep, req.plot, overwrite=req.overwrite)
-        result.plot = Path(req.plot)
-    result.seconds = time.perf_counter() - t0
-    return result
+    return _finish(req, BucketResult(rep, Path(req.out), True, 0.0), t0)
 
 
 def _rebucket_parts(req: BucketRequest, table: BucketTable, opts: BucketOptions, meta: dict[str, object],
@@ -359,12 +359,7 @@ def _rebucket_parts(req: BucketRequest, table: BucketTable, opts: BucketOptions,
                 progress.advance(1)
     rep = merge_reports(reports, table)
     _warn_off_grid(table, grid, warned_before)
-    result = BucketResult(rep, Path(req.out), False, 0.0)
-    if req.plot is not None:
-        plot(rep, req.plot, overwrite=req.overwrite)
-        result.plot = Path(req.plot)
-    result.seconds = time.perf_counter() - t0
-    return result
+    return _finish(req, BucketResult(rep, Path(req.out), False, 0.0), t0)
 
 
 def _warn_off_grid(table: BucketTable, grid: list[tuple[int, int]], warned_before: bool) -> None:

@@ -94,3 +94,22 @@ def write_table(path: Path, items: list[tuple[str, bytes, str | None]], struct: 
     t = pa.table({"image": pa.array(cells, typ), "text": [c for _, _, c in items]})
     pq.write_table(t, path, row_group_size=row_group_size)
     return path
+
+
+def bucketed_sets(root, n: int = 10, bucket_args: tuple[str, ...] = ()) -> dict[str, object]:
+    """The same ``n`` sample images as loose files, tar shards (4 per shard) and a Parquet image
+    table under ``root``, each bucketed by ``hw bucket`` into ``root/<name>.parquet``; returns
+    {"loose" | "shards" | "table": manifest path}."""
+    from cli.app import main
+
+    items = samples(n)
+    write_loose(root / "loose", items)
+    write_shards(root / "shards", items, per_shard=4)
+    write_table(root / "t.parquet", items)
+    out = {}
+    for name, args in (("loose", [root / "loose"]), ("shards", [root / "shards"]),
+                       ("table", [root / "t.parquet", "--image-column", "image"])):  # fmt: skip
+        m = root / f"{name}.parquet"
+        assert main(["bucket", *map(str, args), "--out", str(m), *bucket_args]) == 0
+        out[name] = m
+    return out
